@@ -1,0 +1,282 @@
+"""Datasets for SAND: MMRec's on-disk format, and a built-in synthetic generator.
+
+MMRec format (what the field's Amazon Baby / Sports / Clothing releases ship):
+
+    <data-dir>/<name>/<name>.inter    tab-separated, header with userID, itemID, x_label
+    <data-dir>/<name>/image_feat.npy  [n_items, d_image]
+    <data-dir>/<name>/text_feat.npy   [n_items, d_text]
+
+x_label is 0 train, 1 valid, 2 test; ids are 0-based and n_users / n_items are max id + 1 over the
+whole file. The built-in datasets (`synthetic`, `synthetic-baby`, `synthetic-clothing`) are made in
+memory from a seed; `python data.py --write DIR` writes one in MMRec's format.
+"""
+import argparse
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+SPLITS = ("train", "valid", "test")  # x_label 0, 1, 2
+
+
+class DataError(ValueError):
+    """Bad input data. The message is one line that says what is wrong and how to fix it."""
+
+
+@dataclass
+class Dataset:
+    name: str
+    n_users: int
+    n_items: int
+    train: np.ndarray  # [n_train, 2] int64 (user, item), file order
+    valid: np.ndarray  # [n_valid, 2]
+    test: np.ndarray  # [n_test, 2]
+    image: np.ndarray  # [n_items, d_image] float32
+    text: np.ndarray  # [n_items, d_text] float32
+    factors: dict | None = None  # built-in only: planted item factors {"generic", "image", "text"}
+
+    def summary(self):
+        return {"name": self.name, "n_users": self.n_users, "n_items": self.n_items,
+                "n_train": len(self.train), "n_valid": len(self.valid), "n_test": len(self.test),
+                "d_image": self.image.shape[1], "d_text": self.text.shape[1]}
+
+
+# ---------------------------------------------------------------------------------------------
+# MMRec's format
+
+def _missing_help(folder, name):
+    return (f"dataset '{name}' not found: {folder}/ must hold {name}.inter, image_feat.npy and "
+            f"text_feat.npy. Amazon baby/sports/clothing come from the MMRec project's data release "
+            f"(github.com/enoche/MMRec, 'data' link): unpack them as <data-dir>/<name>/, or pass "
+            f"--data-dir. `--dataset synthetic` runs without a download.")
+
+
+def read_inter(path):
+    """Read a .inter file -> (user, item, x_label) int64 arrays, validated."""
+    with open(path) as f:
+        header = f.readline().rstrip("\r\n").split("\t")
+        lines = f.read().splitlines()
+    need = ("userID", "itemID", "x_label")
+    absent = [c for c in need if c not in header]
+    if absent:
+        raise DataError(f"{path}: header lacks {', '.join(absent)} (found {header}); "
+                        f"MMRec's .inter header is: userID itemID rating timestamp x_label, tab-separated")
+    cols = [header.index(c) for c in need]
+    rows = []
+    for n, line in enumerate(lines, start=2):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) != len(header):
+            raise DataError(f"{path}:{n}: {len(fields)} tab-separated fields, the header has {len(header)}")
+        rows.append([fields[c] for c in cols])
+    if not rows:
+        raise DataError(f"{path}: no interactions below the header")
+    table = np.array(rows)
+    out = []
+    for j, c in enumerate(need):
+        column = np.char.strip(table[:, j])
+        ok = np.char.isdigit(np.char.lstrip(column, "-"))
+        if not ok.all():
+            bad = int(np.flatnonzero(~ok)[0])
+            raise DataError(f"{path}:{bad + 2}: {c} '{column[bad]}' is not an integer")
+        values = column.astype(np.int64)
+        if (values < 0).any():
+            bad = int(np.flatnonzero(values < 0)[0])
+            raise DataError(f"{path}:{bad + 2}: {c} {values[bad]} is negative; ids must be 0-based")
+        out.append(values)
+    user, item, label = out
+    bad = np.flatnonzero(label > 2)
+    if len(bad):
+        raise DataError(f"{path}:{bad[0] + 2}: x_label {label[bad[0]]} is not 0 (train), 1 (valid) or 2 (test)")
+    return user, item, label
+
+
+def read_features(path, n_items):
+    try:
+        feat = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise DataError(f"{path}: not a readable .npy array ({e})") from None
+    if feat.ndim != 2 or feat.shape[0] != n_items:
+        raise DataError(f"{path}: shape {feat.shape}, expected [{n_items}, d]: one row per item "
+                        f"(n_items = max itemID + 1 in the .inter file)")
+    if not np.issubdtype(feat.dtype, np.number):
+        raise DataError(f"{path}: dtype {feat.dtype} is not numeric")
+    feat = np.ascontiguousarray(feat, dtype=np.float32)
+    bad = ~np.isfinite(feat).all(axis=1)
+    if bad.any():
+        raise DataError(f"{path}: {bad.sum()} rows hold NaN or inf (first: item {np.flatnonzero(bad)[0]}); "
+                        f"fill or drop them before training")
+    return feat
+
+
+def from_interactions(name, user, item, label, image, text, n_users=None, n_items=None, factors=None):
+    """Assemble and check a Dataset from flat (user, item, x_label) arrays."""
+    n_users = int(user.max()) + 1 if n_users is None else n_users
+    n_items = int(item.max()) + 1 if n_items is None else n_items
+    pairs = np.stack([user, item], axis=1).astype(np.int64)
+    parts = {s: pairs[label == k] for k, s in enumerate(SPLITS)}
+    if len(parts["train"]) == 0:
+        raise DataError(f"dataset '{name}': the train split (x_label 0) is empty")
+    for s in ("valid", "test"):
+        if len(parts[s]) == 0:
+            raise DataError(f"dataset '{name}': the {s} split (x_label {SPLITS.index(s)}) has no users")
+    return Dataset(name, n_users, n_items, parts["train"], parts["valid"], parts["test"],
+                   image, text, factors)
+
+
+def load_mmrec(data_dir, name):
+    folder = os.path.join(data_dir, name)
+    paths = [os.path.join(folder, f) for f in (f"{name}.inter", "image_feat.npy", "text_feat.npy")]
+    if not all(os.path.isfile(p) for p in paths):
+        raise DataError(_missing_help(folder, name))
+    user, item, label = read_inter(paths[0])
+    n_items = int(item.max()) + 1
+    image, text = (read_features(p, n_items) for p in paths[1:])
+    return from_interactions(name, user, item, label, image, text)
+
+
+def write_mmrec(ds, data_dir):
+    """Write a Dataset in MMRec's format (each file complete or absent: written then renamed)."""
+    folder = os.path.join(data_dir, ds.name)
+    os.makedirs(folder, exist_ok=True)
+    lines = ["userID\titemID\trating\ttimestamp\tx_label"]
+    for k, s in enumerate(SPLITS):
+        lines += [f"{u}\t{i}\t1\t0\t{k}" for u, i in getattr(ds, s).tolist()]
+    atomic_write(os.path.join(folder, f"{ds.name}.inter"), "\n".join(lines) + "\n")
+    for fname, arr in (("image_feat.npy", ds.image), ("text_feat.npy", ds.text)):
+        atomic_write(os.path.join(folder, fname), lambda f, a=arr: np.save(f, a), mode="wb")
+    return folder
+
+
+def atomic_write(path, content, mode="w"):
+    """Write to path.tmp, then rename: an interrupted write never leaves a half-written file."""
+    tmp = path + ".tmp"
+    with open(tmp, mode) as f:
+        content(f) if callable(content) else f.write(content)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# The built-in dataset: planted generic and modality-unique item factors
+
+@dataclass
+class SyntheticSpec:
+    n_users: int = 2400  # before the 5-core filter
+    n_items: int = 1200
+    d_image: int = 512
+    d_text: int = 128
+    k_generic: int = 8  # factors shared by both modalities
+    k_unique: int = 8  # factors unique to the image, and (as many) unique to the text
+    mean_extra: float = 4.0  # interactions per user = 5 + Geometric(mean_extra)
+    strength: float = 2.0  # how sharply users prefer items by factor affinity
+    pop_exponent: float = 0.5  # popularity ~ rank^-pop_exponent (power law)
+    noise: float = 0.5  # feature noise, relative to the signal's scale
+
+
+BUILTIN = {
+    "synthetic": SyntheticSpec(),
+    # Amazon Baby's shapes (19,445 users, 7,050 items, 160,792 interactions, 4096-d / 384-d)
+    "synthetic-baby": SyntheticSpec(n_users=19650, n_items=7400, d_image=4096, d_text=384, mean_extra=3.3),
+    # Amazon Clothing's shapes (39,387 users, 23,033 items, 278,677 interactions)
+    "synthetic-clothing": SyntheticSpec(n_users=47000, n_items=33500, d_image=4096, d_text=384,
+                                        mean_extra=2.4, pop_exponent=0.3),
+}
+
+
+def five_core(user, item):
+    """Drop users and items with fewer than 5 interactions, repeated until none remain."""
+    keep = np.ones(len(user), dtype=bool)
+    while True:
+        u_cnt = np.bincount(user[keep], minlength=user.max() + 1)
+        i_cnt = np.bincount(item[keep], minlength=item.max() + 1)
+        drop = keep & ((u_cnt[user] < 5) | (i_cnt[item] < 5))
+        if not drop.any():
+            return keep
+        keep &= ~drop
+
+
+def mmrec_split(user, rng):
+    """x_label per interaction by MMRec's rule: per user in random order, n < 10 gives n-2 train,
+    1 valid, 1 test; otherwise vt = floor(0.2 n), valid = vt // 2, test = vt - valid."""
+    order = rng.permutation(len(user))
+    order = order[np.argsort(user[order], kind="stable")]  # grouped by user, random within
+    counts = np.bincount(user)
+    n = counts[user[order]]
+    start = np.cumsum(counts) - counts
+    pos = np.arange(len(user)) - start[user[order]]
+    vt = np.where(n < 10, 2, n // 5)
+    n_train = n - vt
+    label = np.zeros(len(user), dtype=np.int64)
+    label[order] = (pos >= n_train).astype(np.int64) + (pos >= n_train + vt // 2)
+    return label
+
+
+def make_synthetic(name="synthetic", seed=0, spec=None):
+    """Items carry generic factors (seen by both modalities) and image- and text-unique factors;
+    image = map(generic, image-unique) + noise, text = map(generic, text-unique) + noise; users
+    choose items through all three kinds of factors and a power-law popularity. Then the 5-core
+    filter and MMRec's split. Returns a Dataset whose `factors` hold the planted truth."""
+    spec = spec or BUILTIN[name]
+    rng = np.random.default_rng(seed)
+    U, I, kg, ku = spec.n_users, spec.n_items, spec.k_generic, spec.k_unique
+    fac = {m: rng.standard_normal((I, k)).astype(np.float32)
+           for m, k in (("generic", kg), ("image", ku), ("text", ku))}
+    taste = {m: rng.standard_normal((U, f.shape[1])).astype(np.float32) for m, f in fac.items()}
+    pop = np.log(rng.permutation(np.arange(1, I + 1)) ** -spec.pop_exponent).astype(np.float32)
+
+    def features(mod, d):
+        z = np.concatenate([fac["generic"], fac[mod]], axis=1)  # [I, kg + ku]
+        proj = rng.standard_normal((z.shape[1], d)).astype(np.float32) / np.sqrt(z.shape[1])
+        x = z @ proj  # [I, d], unit variance per column
+        return (x + spec.noise * rng.standard_normal(x.shape)).astype(np.float32)
+
+    image, text = features("image", spec.d_image), features("text", spec.d_text)
+
+    # each user picks n_u distinct items: Gumbel-top-k over affinity logits (sampling w/o replacement)
+    n_u = 5 + rng.geometric(1 / (1 + spec.mean_extra), size=U) - 1
+    n_u = np.minimum(n_u, I // 4)
+    gen = torch.Generator().manual_seed(seed)
+    item_f = torch.from_numpy(np.concatenate([fac[m] for m in fac], axis=1))  # [I, kg + 2 ku]
+    user_f = torch.from_numpy(np.concatenate([taste[m] for m in fac], axis=1))  # [U, kg + 2 ku]
+    scale = spec.strength / np.sqrt(item_f.shape[1])
+    users, items = [], []
+    for lo in range(0, U, 4096):
+        logits = scale * user_f[lo:lo + 4096] @ item_f.T + torch.from_numpy(pop)  # [b, I]
+        gumbel = -torch.log(-torch.log(torch.rand(logits.shape, generator=gen).clamp_min(1e-12)))
+        top = torch.topk(logits + gumbel, int(n_u[lo:lo + 4096].max()), dim=1).indices.numpy()
+        take = np.arange(top.shape[1]) < n_u[lo:lo + 4096, None]  # [b, max n_u]: first n_u per row
+        users.append(np.nonzero(take)[0] + lo)
+        items.append(top[take])
+    user, item = np.concatenate(users), np.concatenate(items)
+
+    keep = five_core(user, item)
+    user, item = user[keep], item[keep]
+    u_ids, user = np.unique(user, return_inverse=True)  # re-index 0..n-1, as MMRec's files are
+    i_ids, item = np.unique(item, return_inverse=True)
+    label = mmrec_split(user, rng)
+    factors = {m: f[i_ids] for m, f in fac.items()}
+    return from_interactions(name, user, item, label, image[i_ids], text[i_ids],
+                             len(u_ids), len(i_ids), factors)
+
+
+def load_dataset(name, data_dir="data", seed=0):
+    """A built-in dataset by name (made from `seed`), else <data_dir>/<name>/ in MMRec's format."""
+    if name in BUILTIN:
+        return make_synthetic(name, seed)
+    return load_mmrec(data_dir, name)
+
+
+def main():
+    p = argparse.ArgumentParser(description="Write a built-in dataset in MMRec's format.")
+    p.add_argument("--write", metavar="DIR", required=True, help="data folder to write <name>/ into")
+    p.add_argument("--dataset", default="synthetic", choices=sorted(BUILTIN))
+    p.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
+    args = p.parse_args()
+    ds = make_synthetic(args.dataset, args.seed)
+    print(f"wrote {write_mmrec(ds, args.write)}: {ds.summary()}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,305 @@
+"""SAND: Separate Alignment aNd Distancing, for multimodal recommendation.
+
+Z. He et al., "Boosting Multimedia Recommendation via Separate Generic and Unique Awareness",
+arXiv 2406.08270 (v2: "It is Never Too Late to Mend: Separate Learning for Multimedia
+Recommendation"). Each item's modality representation is split into a generic half and a unique
+half; the generic halves are aligned across modalities (SoloSimLoss) and each unique half is pushed
+away from its generic half (a CLUB bound of their mutual information, or a negative L2 distance).
+
+Read top to bottom:
+  1. SANDConfig: every hyper-parameter and its default (the authors' released code).
+  2. The graphs: the user-item LightGCN adjacency, the frozen item-item kNN graph.
+  3. The losses, each standalone: bpr_loss, solo_sim_loss, CLUB (+ fit_club), neg_l2.
+  4. The model: feature transforms, generic/unique split, modality graph encoders, fusion.
+"""
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+MODALITIES = ("image", "text")  # fusion order, as released: [image | text]
+
+
+def _opt(default, help, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class SANDConfig:
+    """SAND's hyper-parameters. Defaults reproduce the authors' released code; train.py turns every
+    field into a command-line flag (--club-fit for club_fit, ...)."""
+    dist: str = _opt("mi", "distancing: mi (CLUB bound), l2 (negative L2) or none", choices=("mi", "l2", "none"))
+    align: str = _opt("solo", "alignment of the generic parts: solo (SoloSimLoss) or none", choices=("solo", "none"))
+    club_fit: str = _opt("cross", "pairs the CLUB estimator is fitted on: cross = (a_text->a_image, "
+                         "b_text->b_image) as released; intra = (a_m->b_m) as the paper describes",
+                         choices=("cross", "intra"))
+    alpha: float = _opt(0.012, "weight of SoloSimLoss")
+    ureg: float = _opt(0.006, "weight of the CLUB distancing term (--dist mi)")
+    w_l2: float = _opt(0.01, "weight of the negative-L2 distancing term (--dist l2)")
+    tau: float = _opt(0.2, "SoloSimLoss temperature")
+    club_steps: int = _opt(50, "estimator steps per training batch (--dist mi)")
+    embed_dim: int = _opt(64, "per-modality graph embedding size")
+    mlp_dim: int = _opt(256, "hidden size of the item feature MLP")
+    head_dim: int = _opt(64, "hidden size of the alignment projection head")
+    align_dim: int = _opt(32, "output size of the alignment projection head")
+    dist_dim: int = _opt(32, "size of the projected generic/unique parts used for distancing")
+    club_hidden: int = _opt(8, "hidden size of the CLUB estimator's mu and logvar networks")
+    n_layers: int = _opt(2, "LightGCN hops on the user-item graph")
+    knn_k: int = _opt(10, "neighbours per item in the item-item graph")
+    image_weight: float = _opt(0.1, "image share of the item-item graph (text gets the rest)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Graphs
+
+def lightgcn_adjacency(train, n_users, n_items):
+    """A = D^-1/2 (R + R^T) D^-1/2 on the user-item graph (users first, then items), sparse CSR
+    [U+I, U+I]. R holds the train interactions; degrees count them (a repeated pair counts as two
+    edges, as in the released message passing); no self loops; a node without edges gets a zero row.
+    """
+    u, i = train[:, 0], train[:, 1] + n_users  # [E], [E]
+    rows, cols = torch.cat([u, i]), torch.cat([i, u])  # [2E]: both directions
+    n = n_users + n_items
+    deg = torch.bincount(rows, minlength=n).float()  # [U+I]
+    d_inv_sqrt = torch.where(deg > 0, deg.clamp_min(1).rsqrt(), torch.zeros_like(deg))
+    values = d_inv_sqrt[rows] * d_inv_sqrt[cols]
+    adj = torch.sparse_coo_tensor(torch.stack([rows, cols]), values, (n, n), check_invariants=False).coalesce()
+    return adj.to_sparse_csr()
+
+
+def knn_graph(feat, k, chunk=2048):
+    """S[i, j] = 1/k for the k items j with the highest cosine similarity of raw features to item i
+    (i itself included; ties go to the lower index), as a sparse [I, I] matrix. Built in chunks of
+    rows, so memory is O(chunk * I + I * k): no dense I x I matrix is ever formed."""
+    x = F.normalize(feat, dim=1)  # [I, d]; an all-zero row stays zero (similarity 0 to all)
+    rows, cols = [], []
+    for lo in range(0, x.shape[0], chunk):
+        sim = x[lo:lo + chunk] @ x.T  # [c, I]
+        kth = sim.topk(k, dim=1).values[:, -1:]  # [c, 1] the k-th largest similarity
+        above, tied = sim > kth, sim == kth  # [c, I]
+        room = k - above.sum(1, keepdim=True)  # [c, 1] places left for tied items
+        keep = above | (tied & (tied.cumsum(1) <= room))  # [c, I], exactly k per row
+        r, c = keep.nonzero(as_tuple=True)
+        rows.append(r + lo)
+        cols.append(c)
+    rows, cols = torch.cat(rows), torch.cat(cols)
+    values = torch.full(rows.shape, 1.0 / k, dtype=feat.dtype, device=feat.device)
+    return torch.sparse_coo_tensor(torch.stack([rows, cols]), values, (x.shape[0],) * 2, check_invariants=False).coalesce()
+
+
+def item_graph(image, text, k, image_weight):
+    """The frozen item-item graph S = w S_image + (1 - w) S_text, sparse CSR [I, I]."""
+    s = image_weight * knn_graph(image, k) + (1 - image_weight) * knn_graph(text, k)
+    return s.coalesce().to_sparse_csr()
+
+
+class _SymmetricSpMM(torch.autograd.Function):
+    """A @ x for a constant symmetric sparse A: the gradient is A^T g = A g, one more product
+    (torch's generic sparse backward transposes A on every call, several times slower)."""
+
+    @staticmethod
+    def forward(ctx, adj, x):
+        ctx.adj = adj
+        return adj @ x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, ctx.adj @ grad
+
+
+def lightgcn(adj, h0, n_layers):
+    """LightGCN propagation, layers summed as released: H0 + A H0 + A^2 H0 + ... [N, D]."""
+    out, h = h0, h0
+    for _ in range(n_layers):
+        h = _SymmetricSpMM.apply(adj, h)  # [N, D]
+        out = out + h
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses: each one standalone, to lift into another model
+
+def bpr_loss(pos, neg):
+    """BPR with log base 2, as released: -mean log2 sigmoid(s(u, i+) - s(u, i-))."""
+    return -F.logsigmoid(pos - neg).mean() / math.log(2)
+
+
+def solo_sim_loss(anchor, other, tau):
+    """SoloSimLoss (paper Eq. 10): InfoNCE in one direction over all N items, on L2-normalised
+    projections of the generic parts; the text view anchors, as released:
+        L = -1/N sum_i log( exp(t_i . v_i / tau) / sum_j exp(t_i . v_j / tau) )
+    anchor, other: [N, D], rows L2-normalised."""
+    logits = anchor @ other.T / tau  # [N, N]
+    return (torch.logsumexp(logits, dim=1) - logits.diagonal()).mean()
+
+
+def neg_l2(a, b):
+    """Negative-L2 distancing (paper Eq. 14): -mean (a - b)^2. Minimising it pushes a and b apart;
+    it is unbounded below, so keep its weight small (w_l2)."""
+    return -F.mse_loss(a, b)
+
+
+class CLUB(nn.Module):
+    """CLUB, a sampled upper bound of the mutual information I(x; y) (Cheng et al., ICML 2020),
+    SAND's distancing term (paper Eq. 11-13). A variational q(y|x) = N(mu(x), exp(logvar(x))):
+        bound = max(0, 1/(2N) sum_k [log q(y_k | x_k) - log q(y_pi(k) | x_k)]),  pi a permutation.
+    The model minimises the bound; q is fitted separately by maximum likelihood (fit_club)."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.mu = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, dim))
+        self.logvar = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, dim), nn.Tanh())
+
+    @staticmethod
+    def log_q(mu, logvar, y):
+        """log N(y; mu, exp(logvar)) up to its constant, per row: [N, D] -> [N]."""
+        return (-(mu - y) ** 2 / logvar.exp() / 2 - logvar / 2).sum(dim=1)
+
+    def forward(self, x, y, perm):
+        mu, logvar = self.mu(x), self.logvar(x)  # [N, D] each
+        bound = (self.log_q(mu, logvar, y) - self.log_q(mu, logvar, y[perm])).mean()
+        return torch.clamp(bound / 2, min=0.0)
+
+    def nll(self, x, y):
+        """The estimator's own training loss: -mean log q(y|x)."""
+        return -self.log_q(self.mu(x), self.logvar(x), y).mean()
+
+
+def fit_club(club, optimizer, x, y, steps):
+    """`steps` optimizer steps of CLUB.nll on detached pairs; returns the last step's loss (a tensor)."""
+    x, y = x.detach(), y.detach()
+    for _ in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        loss = club.nll(x, y)
+        loss.backward()
+        optimizer.step()
+    return loss.detach()
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+
+def _compose(weight, bias, W, c):
+    """Linear(weight, bias) applied after Linear(W, c), as one linear map: (weight W, weight c + bias)."""
+    return weight @ W, weight @ c + bias
+
+
+class ProjectionHead(nn.Module):
+    """The alignment head, as released: Linear BN ReLU Linear BN ReLU Linear, then L2-normalise.
+    Its first Linear is kept apart so that SAND can compose it with the feature transform."""
+
+    def __init__(self, d_in, hidden, d_out):
+        super().__init__()
+        self.first = nn.Linear(d_in, hidden)
+        self.rest = nn.Sequential(nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, hidden),
+                                  nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, d_out))
+
+    def forward(self, x):
+        return self.after_first(self.first(x))
+
+    def after_first(self, pre):
+        return F.normalize(self.rest(pre), dim=1)
+
+
+class SAND(nn.Module):
+    """SAND on a LightGCN backbone, as released. Per modality m with item features f_m [I, d_m]:
+        X_m = Linear(d_m -> d_m)(f_m)                  feature transform (all items)
+        g_m, u_m = X_m[:, :d_m/2], X_m[:, d_m/2:]      generic and unique halves (auxiliary losses only)
+        item_m = Linear(256 -> 64)(LeakyReLU(Linear(d_m -> 256)(X_m)))
+        R_m = LightGCN(normalise([P_m; item_m]))        P_m: learnable user preferences [U, 64]
+    user = [w_u,image R_image[u] | w_u,text R_text[u]],  item = I0 + S I0 with I0 = [R_image[i] | R_text[i]],
+    score = user . item. Alignment: SoloSim(head_text(g_text), head_image(g_image)). Distancing on
+    a_m = Linear(g_m), b_m = Linear(u_m): CLUB(a_m, b_m) or -MSE(a_m, b_m)."""
+
+    def __init__(self, cfg, n_users, features, adjacency, item_item):
+        super().__init__()
+        self.cfg, self.n_users = cfg, n_users
+        for m in MODALITIES:  # frozen raw features [I, d_m]; constants, not saved in checkpoints
+            self.register_buffer(f"feat_{m}", features[m], persistent=False)
+        self.register_buffer("adj", adjacency, persistent=False)  # sparse CSR [U+I, U+I]
+        self.register_buffer("item_item", item_item, persistent=False)  # sparse CSR [I, I]
+        self.transform, self.mlp_in, self.mlp_out = nn.ModuleDict(), nn.ModuleDict(), nn.ModuleDict()
+        self.head, self.to_a, self.to_b = nn.ModuleDict(), nn.ModuleDict(), nn.ModuleDict()
+        self.pref = nn.ParameterDict()
+        for m in MODALITIES:
+            d = features[m].shape[1]
+            self.transform[m] = nn.Linear(d, d)
+            self.mlp_in[m] = nn.Linear(d, cfg.mlp_dim)
+            self.mlp_out[m] = nn.Linear(cfg.mlp_dim, cfg.embed_dim)
+            self.pref[m] = nn.Parameter(nn.init.xavier_normal_(torch.empty(n_users, cfg.embed_dim)))
+            self.head[m] = ProjectionHead(d // 2, cfg.head_dim, cfg.align_dim)
+            self.to_a[m] = nn.Linear(d // 2, cfg.dist_dim)
+            self.to_b[m] = nn.Linear(d - d // 2, cfg.dist_dim)
+        w = nn.init.xavier_normal_(torch.empty(n_users, len(MODALITIES), 1))  # as released
+        self.user_weight = nn.Parameter(F.softmax(w, dim=1).squeeze(2))  # [U, 2], free after init
+
+    def modality(self, m, parts):
+        """One modality's item side: the graph input item_m [I, 64] and, if `parts`, what the
+        auxiliary losses use: {"z": head_m(g_m) [I, 32] (alignment), "a": a_m, "b": b_m [I, 32] (distancing)}.
+
+        Every consumer of X_m = f_m W^T + c is linear, so X_m [I, d] is never formed: each consumer
+        (weight V, bias e) is composed with the transform, X_m V^T + e = f_m (V W)^T + (V c + e),
+        which costs k d^2 + I d k flops (k = 256 + 64 + 32 + 32) instead of I d^2 + I d k. Exact up
+        to float rounding (test_sand.py checks it against the plain formula)."""
+        W, c = self.transform[m].weight, self.transform[m].bias  # [d, d], [d]
+        h = W.shape[0] // 2  # g_m = X_m[:, :h], u_m = X_m[:, h:]
+        consumers = {"item": (self.mlp_in[m], W, c)}
+        if parts and self.cfg.align != "none":
+            consumers["z"] = (self.head[m].first, W[:h], c[:h])
+        if parts and self.cfg.dist != "none":
+            consumers["a"] = (self.to_a[m], W[:h], c[:h])
+            consumers["b"] = (self.to_b[m], W[h:], c[h:])
+        maps = [_compose(lin.weight, lin.bias, Wp, cp) for lin, Wp, cp in consumers.values()]
+        weight = torch.cat([w for w, _ in maps])  # [k, d]
+        bias = torch.cat([b for _, b in maps])  # [k]
+        y = getattr(self, f"feat_{m}") @ weight.T + bias  # [I, k]
+        out = dict(zip(consumers, y.split([lin.out_features for lin, _, _ in consumers.values()], dim=1)))
+        item = self.mlp_out[m](F.leaky_relu(out.pop("item")))  # [I, 64]
+        if "z" in out:
+            out["z"] = self.head[m].after_first(out["z"])  # [I, 32], rows L2-normalised
+        return item, out
+
+    def forward(self, parts=True):
+        """-> users [U, 128], items [I, 128], and per modality the parts of `modality` (if `parts`)."""
+        h0, aux = [], {}
+        for m in MODALITIES:
+            item, aux[m] = self.modality(m, parts)
+            h0.append(F.normalize(torch.cat([self.pref[m], item]), dim=1))  # [U+I, 64]
+        # both modalities in one sparse product: A [H_image | H_text] = [A H_image | A H_text]
+        r = lightgcn(self.adj, torch.cat(h0, dim=1), self.cfg.n_layers)  # [U+I, 128]
+        d = self.cfg.embed_dim
+        users = r[:self.n_users] * self.user_weight.repeat_interleave(d, dim=1)  # [U, 128]
+        items = r[self.n_users:]  # [I, 128]
+        items = items + self.item_item @ items  # [I, 128]; S is constant: no gradient flows into it
+        return users, items, aux
+
+    def loss(self, user, pos, neg, club, generator=None):
+        """Training loss for one BPR batch (paper Eq. 15):
+            L = BPR + ureg * CLUB-or-w_l2 * negL2 (mean over modalities) + alpha * SoloSim.
+        Returns (loss, {term: value}, pairs the CLUB estimator is fitted on or None).
+        generator: draws the CLUB bound's random permutations."""
+        cfg = self.cfg
+        users, items, aux = self(parts=True)
+        u = users[user]  # [B, 128]
+        terms = {"bpr": bpr_loss((u * items[pos]).sum(1), (u * items[neg]).sum(1))}
+        pairs = None
+        t, v = aux["text"], aux["image"]
+        if cfg.align == "solo":
+            terms["solo"] = solo_sim_loss(t["z"], v["z"], cfg.tau)
+        if cfg.dist == "mi":  # text first, then image, as released
+            n = items.shape[0]
+            terms["club"] = sum(club(p["a"], p["b"], torch.randperm(n, generator=generator, device=user.device))
+                                for p in (t, v)) / 2
+            if cfg.club_fit == "cross":  # q(a_image | a_text) and q(b_image | b_text), as released
+                pairs = (torch.cat([t["a"], t["b"]]), torch.cat([v["a"], v["b"]]))
+            else:  # q(b_m | a_m), the pairs the bound is applied to (the paper)
+                pairs = (torch.cat([t["a"], v["a"]]), torch.cat([t["b"], v["b"]]))
+        elif cfg.dist == "l2":
+            terms["neg_l2"] = sum(neg_l2(p["a"], p["b"]) for p in (t, v)) / 2
+        weight = {"bpr": 1.0, "solo": cfg.alpha, "club": cfg.ureg, "neg_l2": cfg.w_l2}
+        loss = sum(weight[k] * v for k, v in terms.items())
+        return loss, {k: v.detach() for k, v in terms.items()}, pairs

@@ -1,0 +1,547 @@
+"""Tests: every piece against an independent computation. Run: python -m pytest -q test_sand.py"""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import data
+import train
+from sand import (CLUB, MODALITIES, SAND, SANDConfig, bpr_loss, fit_club, item_graph, knn_graph,
+                  lightgcn, lightgcn_adjacency, neg_l2, solo_sim_loss)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TINY = data.SyntheticSpec(n_users=500, n_items=250, d_image=48, d_text=24, k_generic=4, k_unique=4)
+
+
+def tiny(seed=0):
+    return data.make_synthetic("tiny", seed, TINY)
+
+
+def run_cfg(**kw):
+    sand_kw = {k: v for k, v in kw.items() if k in SANDConfig.__dataclass_fields__}
+    train_kw = {k: v for k, v in kw.items() if k not in sand_kw}
+    return train.RunConfig(SANDConfig(**sand_kw), train.TrainConfig(**train_kw))
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+def write_folder(tmp_path, name="toy", inter=None, image=None, text=None):
+    folder = tmp_path / name
+    folder.mkdir(parents=True, exist_ok=True)
+    if inter is None:
+        rows = [(u, i, lab) for u in range(4) for i, lab in ((u, 0), (u + 1, 0), (u + 2, 1), (u + 3, 2))]
+        inter = "userID\titemID\trating\ttimestamp\tx_label\n" + "".join(f"{u}\t{i}\t5.0\t1\t{x}\n" for u, i, x in rows)
+    (folder / f"{name}.inter").write_text(inter)
+    np.save(folder / "image_feat.npy", np.ones((7, 6)) if image is None else image)
+    np.save(folder / "text_feat.npy", np.ones((7, 4)) if text is None else text)
+    return str(tmp_path)
+
+
+def test_load_mmrec_reads_splits_and_casts_float64(tmp_path):
+    ds = data.load_mmrec(write_folder(tmp_path), "toy")
+    assert (ds.n_users, ds.n_items) == (4, 7)  # max id + 1 over the whole file, valid/test included
+    assert ds.train.tolist() == [[u, i] for u in range(4) for i in (u, u + 1)]
+    assert ds.valid.tolist() == [[u, u + 2] for u in range(4)] and ds.test.tolist() == [[u, u + 3] for u in range(4)]
+    assert ds.image.dtype == np.float32 and ds.image.shape == (7, 6)
+
+
+def test_write_then_load_round_trips(tmp_path):
+    ds = tiny()
+    data.write_mmrec(ds, str(tmp_path))
+    back = data.load_mmrec(str(tmp_path), "tiny")
+    for s in ("train", "valid", "test", "image", "text"):
+        np.testing.assert_array_equal(getattr(back, s), getattr(ds, s))
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+HEADER = "userID\titemID\trating\ttimestamp\tx_label\n"
+
+
+@pytest.mark.parametrize("case, expect", [
+    (dict(inter="user\titemID\tx_label\n0\t1\t0\n"), "header lacks userID"),
+    (dict(inter=HEADER + "0\t1.5\t1\t1\t0\n"), "itemID '1.5' is not an integer"),
+    (dict(inter=HEADER + "0\tx\t1\t1\t0\n"), "is not an integer"),
+    (dict(inter=HEADER + "-1\t1\t1\t1\t0\n"), "is negative"),
+    (dict(inter=HEADER + "0\t1\t1\t1\t3\n"), "x_label 3 is not 0"),
+    (dict(inter=HEADER + "0\t1\t1\t0\n"), "4 tab-separated fields, the header has 5"),
+    (dict(inter=HEADER + "0\t1\t1\t1\t1\n1\t0\t1\t1\t2\n", image=np.ones((2, 3)), text=np.ones((2, 3))), "train split (x_label 0) is empty"),
+    (dict(inter=HEADER + "0\t1\t1\t1\t0\n1\t0\t1\t1\t2\n", image=np.ones((2, 3)), text=np.ones((2, 3))), "valid split (x_label 1) has no users"),
+    (dict(inter=HEADER + "0\t1\t1\t1\t0\n1\t0\t1\t1\t1\n", image=np.ones((2, 3)), text=np.ones((2, 3))), "test split (x_label 2) has no users"),
+    (dict(image=np.ones((6, 6))), "image_feat.npy: shape (6, 6), expected [7, d]"),
+    (dict(text=np.where(np.eye(7, 4) > 0, np.nan, 1.0)), "text_feat.npy: 4 rows hold NaN or inf"),
+    (dict(image=np.full((7, 6), np.inf)), "7 rows hold NaN or inf"),
+])
+def test_bad_input_gives_clear_error(tmp_path, case, expect):
+    with pytest.raises(data.DataError, match=expect.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        data.load_mmrec(write_folder(tmp_path, **case), "toy")
+
+
+def test_missing_dataset_names_files_and_sources(tmp_path):
+    with pytest.raises(data.DataError) as e:
+        data.load_mmrec(str(tmp_path), "baby")
+    msg = str(e.value)
+    for needed in ("baby.inter", "image_feat.npy", "text_feat.npy", "MMRec", "--dataset synthetic"):
+        assert needed in msg
+    assert "\n" not in msg
+
+
+def test_cli_bad_input_is_one_line_exit_2(tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--dataset", "baby", "--data-dir",
+                        str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("train.py: error: dataset 'baby' not found")
+    assert "Traceback" not in r.stderr
+
+
+def test_five_core_and_mmrec_split_rule():
+    rng = np.random.default_rng(1)
+    user, item = rng.integers(0, 200, 3000), rng.integers(0, 120, 3000)
+    keep = data.five_core(user, item)
+    u, i = user[keep], item[keep]
+    assert np.bincount(u)[np.unique(u)].min() >= 5 and np.bincount(i)[np.unique(i)].min() >= 5
+    # the kept set is the largest stable one: every dropped row had a user or item that fell below 5
+    label = data.mmrec_split(u, rng)
+    for uid in np.unique(u):
+        n = (u == uid).sum()
+        counts = [(label[u == uid] == k).sum() for k in range(3)]
+        vt = 2 if n < 10 else n // 5
+        assert counts == [n - vt, vt // 2, vt - vt // 2], (n, counts)
+
+
+def test_synthetic_is_seeded_and_planted():
+    a, b, c = tiny(0), tiny(0), tiny(1)
+    np.testing.assert_array_equal(a.train, b.train)
+    np.testing.assert_array_equal(a.image, b.image)
+    assert not np.array_equal(a.image, c.image)
+    assert a.image.shape == (a.n_items, 48) and a.factors["generic"].shape == (a.n_items, 4)
+    assert min(len(a.valid), len(a.test)) > 0
+    # image features are a linear map of (generic, image-unique) factors + noise: least squares on
+    # those factors explains most of the variance, on text-unique factors almost none
+    def r2(x, y):
+        coef = np.linalg.lstsq(x, y, rcond=None)[0]
+        return 1 - ((y - x @ coef) ** 2).sum() / ((y - y.mean(0)) ** 2).sum()
+    f = a.factors
+    assert r2(np.hstack([f["generic"], f["image"]]), a.image) > 0.7
+    assert r2(f["text"], a.image) < 0.1
+
+
+def test_builtin_load_and_write_cli(tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(HERE, "data.py"), "--write", str(tmp_path)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    ds = data.load_mmrec(str(tmp_path), "synthetic")
+    np.testing.assert_array_equal(ds.train, data.load_dataset("synthetic").train)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampler
+
+def test_sampler_covers_each_pair_once_and_never_yields_a_train_positive():
+    ds = tiny()
+    train_t = torch.from_numpy(ds.train)
+    gen = torch.Generator().manual_seed(0)
+    sampler = train.BPRSampler(train_t, ds.n_items, gen)
+    positives = {(u, i) for u, i in ds.train.tolist()}
+    train_items = set(ds.train[:, 1].tolist())
+    for _ in range(3):
+        batches = sampler.epoch(128)
+        assert all(len(b[0]) == 128 for b in batches[:-1])
+        user = torch.cat([b[0] for b in batches]).tolist()
+        pos = torch.cat([b[1] for b in batches]).tolist()
+        neg = torch.cat([b[2] for b in batches]).tolist()
+        assert sorted(zip(user, pos)) == sorted(map(tuple, ds.train.tolist()))
+        assert not any((u, j) in positives for u, j in zip(user, neg))
+        assert set(neg) <= train_items
+    assert len(set(neg)) > len(train_items) // 2  # spread over the train items, not a few
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+
+def slow_metrics(scores, train_pairs, split_pairs, ks=(10, 20)):
+    """Per-user loop, straight from the definitions."""
+    train_of, split_of = {}, {}
+    for u, i in train_pairs:
+        train_of.setdefault(u, set()).add(i)
+    for u, i in split_pairs:
+        split_of.setdefault(u, set()).add(i)
+    out = {f"{m}@{k}": [] for k in ks for m in ("recall", "ndcg")}
+    for u, truth in split_of.items():
+        s = scores[u].clone()
+        for i in train_of.get(u, ()):
+            s[i] = -math.inf
+        ranked = torch.argsort(s, descending=True).tolist()
+        for k in ks:
+            hits = [1.0 if i in truth else 0.0 for i in ranked[:k]]
+            out[f"recall@{k}"].append(sum(hits) / len(truth))
+            dcg = sum(h / math.log2(r + 2) for r, h in enumerate(hits))
+            idcg = sum(1 / math.log2(r + 2) for r in range(min(len(truth), k)))
+            out[f"ndcg@{k}"].append(dcg / idcg)
+    return {k: sum(v) / len(v) for k, v in out.items()}
+
+
+def random_split(n_users, n_items, seed):
+    rng = np.random.default_rng(seed)
+    pairs = np.array([(u, i) for u in range(n_users) for i in rng.choice(n_items, rng.integers(2, 25), replace=False)])
+    label = rng.choice(3, len(pairs), p=[0.6, 0.2, 0.2])
+    return pairs[label == 0], pairs[label == 2]
+
+
+@pytest.mark.parametrize("max_scores", [2 ** 25, 200])  # one chunk, and many small chunks
+def test_metrics_match_per_user_loop(max_scores):
+    n_users, n_items = 60, 90
+    train_p, test_p = random_split(n_users, n_items, 3)
+    gen = torch.Generator().manual_seed(0)
+    users, items = torch.randn(n_users, 8, generator=gen), torch.randn(n_items, 8, generator=gen)
+    ev = train.Evaluator(torch.from_numpy(test_p), torch.from_numpy(train_p), n_items, torch.device("cpu"), max_scores)
+    got = ev(users, items)
+    want = slow_metrics(users @ items.T, train_p.tolist(), test_p.tolist())
+    for k in want:
+        assert got[k] == pytest.approx(want[k], abs=1e-12), k
+
+
+def hand_evaluator(scores, train_items, test_items):
+    """One user whose item scores are given directly (1-d embeddings)."""
+    n = len(scores)
+    ev = train.Evaluator(torch.tensor([[0, i] for i in test_items]), torch.tensor([[0, i] for i in train_items], dtype=torch.long).reshape(-1, 2),
+                         n, torch.device("cpu"))
+    return ev(torch.ones(1, 1, dtype=torch.float64), torch.tensor(scores, dtype=torch.float64)[:, None])
+
+
+def test_metrics_hand_worked():
+    scores = [float(30 - r) for r in range(30)]  # item r is ranked r + 1
+    # one test item at rank 1: everything perfect
+    m = hand_evaluator(scores, [], [0])
+    assert m == {"recall@10": 1.0, "ndcg@10": 1.0, "recall@20": 1.0, "ndcg@20": 1.0}
+    # one test item at rank 10: in the top 10, DCG = 1/log2(11), IDCG = 1
+    m = hand_evaluator(scores, [], [9])
+    assert m["recall@10"] == 1.0 and m["ndcg@10"] == pytest.approx(1 / math.log2(11))
+    # rank 11: outside the top 10, inside the top 20
+    m = hand_evaluator(scores, [], [10])
+    assert m["recall@10"] == 0.0 and m["ndcg@10"] == 0.0
+    assert m["recall@20"] == 1.0 and m["ndcg@20"] == pytest.approx(1 / math.log2(12))
+    # three test items (fewer than K) at ranks 1, 3, 25: recall divides by n_u = 3, IDCG sums 3 terms
+    m = hand_evaluator(scores, [], [0, 2, 24])
+    idcg = 1 + 1 / math.log2(3) + 1 / math.log2(4)
+    assert m["recall@10"] == pytest.approx(2 / 3) and m["ndcg@10"] == pytest.approx((1 + 1 / math.log2(4)) / idcg)
+    # masking: train items 0 and 1 are removed, so item 2 moves up to rank 1
+    m = hand_evaluator(scores, [0, 1], [2])
+    assert m["ndcg@10"] == 1.0
+    # 25 test items: recall@20 is hits / 25, not hits / min(20, 25)
+    m = hand_evaluator(scores, [], list(range(25)))
+    assert m["recall@20"] == pytest.approx(20 / 25) and m["ndcg@20"] == pytest.approx(1.0)
+
+
+def test_masked_train_items_never_reach_the_top_k():
+    n_users, n_items = 40, 60
+    train_p, test_p = random_split(n_users, n_items, 5)
+    users = torch.randn(n_users, 4)
+    items = torch.randn(n_items, 4)
+    items[train_p[:, 1]] += 100 * users.mean(0)  # train items score highest, unless masked
+    ev = train.Evaluator(torch.from_numpy(test_p), torch.from_numpy(train_p), n_items, torch.device("cpu"))
+    top = ev.topk(users, items)
+    train_set = set(map(tuple, train_p.tolist()))
+    assert not any((u, i) in train_set for u, row in zip(ev.users.tolist(), top.tolist()) for i in row)
+
+
+# ---------------------------------------------------------------------------------------------
+# Graphs
+
+def test_adjacency_and_propagation_match_dense_formula():
+    n_users, n_items = 7, 6
+    train_p = torch.tensor([[0, 0], [0, 1], [1, 1], [2, 3], [3, 3], [3, 0], [4, 1], [2, 2]])  # user 5, 6 and items 4, 5: no edges
+    r = torch.zeros(n_users, n_items)
+    r[train_p[:, 0], train_p[:, 1]] = 1
+    a = torch.zeros(n_users + n_items, n_users + n_items)
+    a[:n_users, n_users:], a[n_users:, :n_users] = r, r.T
+    deg = a.sum(1)
+    d = torch.where(deg > 0, deg.pow(-0.5), torch.zeros_like(deg))
+    dense = d[:, None] * a * d[None, :]
+    adj = lightgcn_adjacency(train_p, n_users, n_items)
+    torch.testing.assert_close(adj.to_dense(), dense)
+    h0 = torch.randn(n_users + n_items, 5, dtype=torch.float64, requires_grad=True)
+    out = lightgcn(adj.to(torch.float64), h0, 2)
+    want = h0 + dense.double() @ h0 + dense.double() @ dense.double() @ h0
+    torch.testing.assert_close(out, want)
+    g = torch.randn_like(out)
+    (grad,) = torch.autograd.grad(out, h0, g)
+    (grad_want,) = torch.autograd.grad(want, h0, g)
+    torch.testing.assert_close(grad, grad_want)
+    assert torch.equal(out[n_users + 4], h0[n_users + 4])  # an isolated item keeps its own row only
+
+
+def brute_knn(feat, k):
+    x = feat / feat.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    sim = (x @ x.T).tolist()
+    out = torch.zeros(len(sim), len(sim))
+    for i, row in enumerate(sim):
+        order = sorted(range(len(row)), key=lambda j: (-row[j], j))  # ties: lower index first
+        out[i, order[:k]] = 1 / k
+    return out
+
+
+def test_knn_graph_matches_brute_force():
+    feat = torch.randn(23, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for chunk in (4, 100):  # many chunks, one chunk
+        got = knn_graph(feat, 4, chunk=chunk).to_dense()
+        torch.testing.assert_close(got, brute_knn(feat, 4).double())
+    assert (got > 0).sum(1).eq(4).all() and got.diagonal().gt(0).all()  # an item is its own neighbour
+    s = item_graph(feat, feat[:, :3], 4, 0.1).to_dense()
+    torch.testing.assert_close(s, 0.1 * brute_knn(feat, 4).double() + 0.9 * brute_knn(feat[:, :3], 4).double())
+
+
+def test_knn_graph_ties_go_to_the_lower_index():
+    # exactly representable similarities (0 or 1): duplicates, a scaled copy, all-zero rows
+    e = torch.eye(4)
+    feat = torch.stack([e[0], e[1], e[0], 2 * e[0], e[2], 0 * e[0], e[1], e[3], 0 * e[0]])
+    got = knn_graph(feat, 3, chunk=2).to_dense()
+    torch.testing.assert_close(got, brute_knn(feat, 3))
+    assert got[3].nonzero().flatten().tolist() == [0, 2, 3]  # items 0, 2, 3 share a direction
+    assert got[4].nonzero().flatten().tolist() == [0, 1, 4]  # item 4 is alone: itself, then ties 0, 1
+    assert got[5].nonzero().flatten().tolist() == [0, 1, 2]  # a zero row is tied with everyone
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses
+
+def test_bpr_is_log2():
+    pos, neg = torch.randn(50), torch.randn(50)
+    want = -torch.log2(torch.sigmoid(pos - neg)).mean()
+    torch.testing.assert_close(bpr_loss(pos, neg), want)
+
+
+def test_solo_sim_loss_matches_loop_and_behaves():
+    gen = torch.Generator().manual_seed(0)
+    t = F.normalize(torch.randn(40, 8, generator=gen, dtype=torch.float64), dim=1)
+    v = F.normalize(torch.randn(40, 8, generator=gen, dtype=torch.float64), dim=1)
+    for tau in (0.2, 1.0):
+        loop = 0.0
+        for i in range(40):
+            num = math.exp(float(t[i] @ v[i]) / tau)
+            den = sum(math.exp(float(t[i] @ v[j]) / tau) for j in range(40))
+            loop -= math.log(num / den) / 40
+        assert float(solo_sim_loss(t, v, tau)) == pytest.approx(loop, rel=1e-10)
+    # scaling both the logits' inputs and tau leaves it unchanged; only text anchors (asymmetric)
+    torch.testing.assert_close(solo_sim_loss(2 * t, v, 0.4), solo_sim_loss(t, v, 0.2))
+    assert float(solo_sim_loss(t, v, 0.2)) != pytest.approx(float(solo_sim_loss(v, t, 0.2)))
+    # identical views at a low temperature: near its minimum 0; unrelated: near log N
+    n = 500
+    a = F.normalize(torch.randn(n, 32, generator=gen), dim=1)
+    b = F.normalize(torch.randn(n, 32, generator=gen), dim=1)
+    assert float(solo_sim_loss(a, a, 0.05)) < 0.01
+    assert float(solo_sim_loss(a, b, 1.0)) == pytest.approx(math.log(n), abs=0.05)
+
+
+def test_neg_l2_sign_and_gradient():
+    a = torch.randn(10, 4, requires_grad=True)
+    b = torch.randn(10, 4)
+    loss = neg_l2(a, b)
+    assert float(loss) == pytest.approx(-float(((a - b) ** 2).mean()))
+    loss.backward()
+    torch.testing.assert_close(a.grad, -2 * (a - b).detach() / a.numel())
+    with torch.no_grad():  # a gradient step on the loss moves a away from b
+        assert float(neg_l2(a - 0.1 * a.grad, b)) < float(loss)
+
+
+def test_club_bound_matches_formula():
+    torch.manual_seed(0)
+    club = CLUB(6, 4).double()
+    x, y = torch.randn(30, 6, dtype=torch.float64), torch.randn(30, 6, dtype=torch.float64)
+    perm = torch.randperm(30)
+    mu, logvar = club.mu(x), club.logvar(x)
+
+    def log_normal(yy):  # log N(y; mu, exp(logvar)) without its 2 pi constant
+        return (-0.5 * (yy - mu) ** 2 / logvar.exp() - 0.5 * logvar).sum(1)
+    want = max(0.0, float((log_normal(y) - log_normal(y[perm])).mean()) / 2)
+    assert float(club(x, y, perm)) == pytest.approx(want)
+    assert float(club.nll(x, y)) == pytest.approx(-float(log_normal(y).mean()))
+
+
+def test_club_detects_dependence():
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2000, 8, generator=gen)
+    x_new = torch.randn(2000, 8, generator=gen)  # held-out samples to estimate on
+    estimates = {}
+    for name, noise in (("dependent", 0.1), ("independent", None)):
+        pair = lambda x: x + noise * torch.randn(x.shape, generator=gen) if noise else torch.randn(x.shape, generator=gen)
+        club = CLUB(8, 16)
+        fit_club(club, torch.optim.Adam(club.parameters(), lr=1e-2), x, pair(x), 400)
+        with torch.no_grad():
+            estimates[name] = float(club(x_new, pair(x_new), torch.randperm(2000, generator=gen)))
+    assert estimates["dependent"] > 2.0
+    assert estimates["independent"] < 0.05
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+
+def small_model(dist="mi", align="solo", seed=0, **kw):
+    ds = tiny()
+    cfg = run_cfg(dist=dist, align=align, **kw)
+    model, club, opt, club_opt = train.build(cfg, ds, torch.device("cpu"), seed)
+    return ds, cfg, model, club, opt, club_opt
+
+
+def plain_loss(model, club, user, pos, neg, generator):
+    """The model as SAND.md writes it: X_m formed explicitly, dense graphs, direct formulas."""
+    cfg, U = model.cfg, model.n_users
+    h0, aux = [], {}
+    for m in MODALITIES:
+        x = model.transform[m](getattr(model, f"feat_{m}"))  # [I, d]
+        h = x.shape[1] // 2
+        g, u = x[:, :h], x[:, h:]
+        item = model.mlp_out[m](F.leaky_relu(model.mlp_in[m](x)))
+        h0.append(F.normalize(torch.cat([model.pref[m], item]), dim=1))
+        aux[m] = (model.head[m](g) if cfg.align == "solo" else None,
+                  model.to_a[m](g) if cfg.dist != "none" else None,
+                  model.to_b[m](u) if cfg.dist != "none" else None)
+    a = model.adj.to_dense()
+    hs = [torch.cat(h0, 1)]
+    for _ in range(cfg.n_layers):
+        hs.append(a @ hs[-1])
+    r = sum(hs)
+    users = torch.cat([model.user_weight[:, :1] * r[:U, :64], model.user_weight[:, 1:] * r[:U, 64:]], 1)
+    items = r[U:] + model.item_item.to_dense() @ r[U:]
+    ps, ns = (users[user] * items[pos]).sum(1), (users[user] * items[neg]).sum(1)
+    loss = -torch.log2(torch.sigmoid(ps - ns)).mean()
+    if cfg.align == "solo":
+        logits = aux["text"][0] @ aux["image"][0].T / cfg.tau
+        loss = loss + cfg.alpha * -F.log_softmax(logits, 1).diagonal().mean()
+    if cfg.dist == "mi":
+        n = items.shape[0]
+        loss = loss + cfg.ureg * sum(club(aux[m][1], aux[m][2], torch.randperm(n, generator=generator))
+                                     for m in ("text", "image")) / 2
+    if cfg.dist == "l2":
+        loss = loss + cfg.w_l2 * -sum(((aux[m][1] - aux[m][2]) ** 2).mean() for m in MODALITIES) / 2
+    return loss
+
+
+@pytest.mark.parametrize("dist, align", [("mi", "solo"), ("l2", "solo"), ("none", "none"), ("mi", "none")])
+def test_fast_path_equals_plain_formulation(dist, align):
+    ds, cfg, model, club, *_ = small_model(dist, align)
+    with torch.no_grad():  # move CLUB off its trivial start so the bound is not clamped at 0
+        for p in club.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    user, pos, neg = (torch.from_numpy(ds.train[:300, 0]), torch.from_numpy(ds.train[:300, 1]),
+                      torch.randint(ds.n_items, (300,)))
+    params = list(model.parameters())
+    fast, terms, _ = model.loss(user, pos, neg, club, torch.Generator().manual_seed(5))
+    plain = plain_loss(model, club, user, pos, neg, torch.Generator().manual_seed(5))
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-6)
+    g_fast = torch.autograd.grad(fast, params, allow_unused=True)
+    g_plain = torch.autograd.grad(plain, params, allow_unused=True)
+    for p, a, b in zip(model.named_parameters(), g_fast, g_plain):
+        assert (a is None) == (b is None), p[0]
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7, msg=p[0])
+    if dist == "none" and align == "none":  # only BPR is left
+        assert set(terms) == {"bpr"}
+        torch.testing.assert_close(fast, terms["bpr"])
+
+
+def test_optimizers_are_separate():
+    ds, cfg, model, club, opt, club_opt = small_model("mi")
+    model_ids = {id(p) for g in opt.param_groups for p in g["params"]}
+    club_ids = {id(p) for g in club_opt.param_groups for p in g["params"]}
+    assert not model_ids & club_ids and club_ids == {id(p) for p in club.parameters()}
+    user, pos, neg = (torch.from_numpy(ds.train[:200, i]) for i in (0, 1, 1))
+    loss, _, pairs = model.loss(user, pos, neg, club, torch.Generator().manual_seed(0))
+    loss.backward()
+    before_model = [p.detach().clone() for p in model.parameters()]
+    before_club = [p.detach().clone() for p in club.parameters()]
+    fit_club(club, club_opt, *pairs, 5)  # the estimator's steps leave the model untouched
+    assert all(torch.equal(a, b) for a, b in zip(before_model, model.parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(before_club, club.parameters()))
+    fitted = [p.detach().clone() for p in club.parameters()]
+    opt.step()  # the model's step leaves the estimator untouched
+    assert all(torch.equal(a, b) for a, b in zip(fitted, club.parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(before_model, model.parameters()))
+
+
+def test_club_fit_pairs_cross_and_intra():
+    for fit, want in (("cross", (("text", "a"), ("text", "b"), ("image", "a"), ("image", "b"))),
+                      ("intra", (("text", "a"), ("image", "a"), ("text", "b"), ("image", "b")))):
+        ds, cfg, model, club, *_ = small_model("mi", club_fit=fit)
+        user = torch.from_numpy(ds.train[:10, 0])
+        _, _, pairs = model.loss(user, user, user, club, torch.Generator().manual_seed(0))
+        _, _, aux = model()
+        x = torch.cat([aux[want[0][0]][want[0][1]], aux[want[1][0]][want[1][1]]])
+        y = torch.cat([aux[want[2][0]][want[2][1]], aux[want[3][0]][want[3][1]]])
+        torch.testing.assert_close(pairs[0], x)
+        torch.testing.assert_close(pairs[1], y)
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs end to end
+
+def quick_fit(tmp_path, epochs=3, **kw):
+    cfg = run_cfg(epochs=epochs, batch_size=512, club_steps=5, **kw)
+    out = tmp_path / "run"
+    out.mkdir(parents=True, exist_ok=True)
+    return train.fit(cfg, tiny(), torch.device("cpu"), str(out), log=lambda *_: None)[0], out
+
+
+def test_seeded_run_is_repeatable(tmp_path):
+    a, _ = quick_fit(tmp_path / "a")
+    b, _ = quick_fit(tmp_path / "b")
+    c, _ = quick_fit(tmp_path / "c", seed=1)
+    assert a["test"] == b["test"] and a["valid"] == b["valid"]
+    assert a["test"] != c["test"]
+
+
+def test_resume_continues_exactly(tmp_path):
+    whole, _ = quick_fit(tmp_path / "whole", epochs=4)
+    _, out = quick_fit(tmp_path / "part", epochs=2)
+    ckpt = train.load_checkpoint(str(out / "last.pt"))
+    cfg = train.config_from_checkpoint(ckpt)
+    cfg.train.epochs = 4
+    resumed = train.fit(cfg, tiny(), torch.device("cpu"), str(out), ckpt, log=lambda *_: None)[0]
+    assert resumed == {**whole, "train_s_per_epoch": resumed["train_s_per_epoch"],
+                       "eval_s_per_epoch": resumed["eval_s_per_epoch"]}
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 5 and [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3", "4"]
+
+
+def test_early_stopping_follows_mmrec():
+    # valid R@20 is rounded to 4 decimals and must strictly beat the best; the run stops once more
+    # than `patience` epochs in a row have not (MMRec's utils.early_stopping)
+    best, bad, seen = -1.0, 0, []
+    for epoch, score in enumerate([0.1, 0.12, 0.12, 0.11, 0.12004, 0.1204, 0.1, 0.3], 1):
+        best, bad, improved, stop = train.early_stopping(score, best, bad, patience=2)
+        seen.append(improved)
+        if stop:
+            break
+    assert epoch == 5 and best == 0.12 and seen == [True, True, False, False, False]
+
+
+def test_cli_end_to_end_writes_all_files(tmp_path):
+    out, topk = tmp_path / "run", tmp_path / "top.tsv"
+    cmd = [sys.executable, os.path.join(HERE, "train.py"), "--dataset", "synthetic", "--epochs", "2",
+           "--club-steps", "2", "--out", str(out), "--topk-out", str(topk), "--device", "cpu"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    for f in ("config.json", "metrics.csv", "results.json", "best.pt", "last.pt"):
+        assert (out / f).is_file(), f
+    config = json.loads((out / "config.json").read_text())
+    assert config["sand"]["dist"] == "mi" and config["train"]["seed"] == 999 and "torch" in config["environment"]
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["test"]) == {"recall@10", "recall@20", "ndcg@10", "ndcg@20"}
+    assert len((out / "metrics.csv").read_text().splitlines()) == 3
+    rows = [line.split("\t") for line in topk.read_text().splitlines()]
+    ds = data.load_dataset("synthetic")
+    assert len(rows) == len(np.unique(ds.test[:, 0])) and all(len(row) == 21 for row in rows)
+    r = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--eval-only", "--ckpt", str(out / "best.pt")],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    evaluated = json.loads(r.stdout)
+    best = [row for row in (out / "metrics.csv").read_text().splitlines()][1:]
+    assert evaluated["test"]["recall@20"] == pytest.approx(results["test"]["recall@20"], abs=1e-12)
+    assert evaluated["valid"] == pytest.approx(results["valid"], abs=1e-12) and best

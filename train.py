@@ -1,0 +1,419 @@
+"""Train and evaluate SAND: BPR sampling, the training loop, MMRec's Recall/NDCG, the command line.
+
+    python train.py                              # the built-in synthetic dataset, no download
+    python train.py --dataset baby --dist l2     # data/baby/ in MMRec's format
+
+Each run writes to its folder (--out): config.json, metrics.csv, results.json, last.pt, best.pt.
+"""
+import argparse
+import csv
+import dataclasses
+import io
+import json
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+import data
+from sand import CLUB, SAND, SANDConfig, fit_club, item_graph, lightgcn_adjacency
+
+KS = (10, 20)  # Recall@K and NDCG@K
+
+
+def _opt(default, help, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    """Everything about a run that is not the model. Defaults follow MMRec and the released code."""
+    dataset: str = _opt("synthetic", "a built-in dataset (synthetic, synthetic-baby, synthetic-clothing) "
+                        "or a folder name under --data-dir in MMRec's format (baby, sports, clothing)")
+    data_dir: str = _opt("data", "folder holding <dataset>/ in MMRec's format")
+    data_seed: int = _opt(0, "seed of a built-in dataset's generator")
+    device: str = _opt("", "cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
+    seed: int = _opt(999, "seed of initialisation and sampling")
+    epochs: int = _opt(1000, "most training epochs")
+    patience: int = _opt(20, "stop once valid Recall@20 has not improved for more than this many epochs")
+    batch_size: int = _opt(2048, "BPR triples per training batch")
+    lr: float = _opt(1e-4, "Adam learning rate (model and CLUB estimator)")
+    out: str = _opt("", "run folder (default: runs/<dataset>-<dist>-seed<seed>)")
+    topk_out: str = _opt("", "write the top-20 items of every test user at the best epoch to this TSV")
+    eval_only: bool = _opt(False, "evaluate the checkpoint --ckpt on valid and test, no training")
+    ckpt: str = _opt("", "checkpoint for --eval-only")
+    resume: str = _opt("", "continue the run that wrote this checkpoint (last.pt), in its folder")
+    profile: bool = _opt(False, "print per-epoch seconds in sampling, forward, backward, estimator, "
+                         "optimizer and evaluation (synchronises the device)")
+
+
+# ---------------------------------------------------------------------------------------------
+# BPR sampling
+
+class BPRSampler:
+    """Every train interaction once per epoch in a fresh random order, each with one negative drawn
+    uniformly from the items that occur in the train split and redrawn while it is one of the
+    user's train items (MMRec's protocol). Vectorised, on the training device, from `generator`."""
+
+    def __init__(self, train, n_items, generator):
+        self.pairs, self.n_items, self.gen = train, n_items, generator  # [N, 2] on the device
+        self.train_keys = torch.unique(train[:, 0] * n_items + train[:, 1])  # sorted
+        self.candidates = torch.unique(train[:, 1])  # items in the train split
+
+    def is_train(self, user, item):
+        """[B] bool: is (user, item) a train interaction? (binary search in the sorted keys)"""
+        keys = user * self.n_items + item
+        at = torch.searchsorted(self.train_keys, keys).clamp_max(len(self.train_keys) - 1)
+        return self.train_keys[at] == keys
+
+    def negatives(self, user):
+        draw = lambda n: self.candidates[torch.randint(len(self.candidates), (n,), generator=self.gen,
+                                                       device=user.device)]
+        neg = draw(len(user))  # [N]
+        todo = torch.arange(len(user), device=user.device)
+        while True:  # a handful of rounds: each redraws only the rejected ones
+            todo = todo[self.is_train(user[todo], neg[todo])]
+            if len(todo) == 0:
+                return neg
+            neg[todo] = draw(len(todo))
+
+    def epoch(self, batch_size):
+        """-> list of (users, positives, negatives) batches, [B] each."""
+        order = torch.randperm(len(self.pairs), generator=self.gen, device=self.pairs.device)
+        user, pos = self.pairs[order].unbind(1)
+        neg = self.negatives(user)
+        return list(zip(user.split(batch_size), pos.split(batch_size), neg.split(batch_size)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation: full ranking, MMRec's Recall@K and NDCG@K
+
+class Evaluator:
+    """Full ranking over all items for every user with items in `split`, the user's train items
+    masked (for valid and test alike). Per user with n_u split items and hits h_r at ranks r = 1..K:
+        Recall@K = sum_r h_r / n_u
+        NDCG@K   = sum_r h_r / log2(r + 1)  /  sum_{r <= min(n_u, K)} 1 / log2(r + 1)
+    both averaged over users. The masks are indexed once here, so evaluating is a few large tensor
+    ops per chunk of users with one host sync at the end. A pair repeated in a split counts once."""
+
+    def __init__(self, split, train, n_items, device, max_scores=2 ** 25):
+        split, train = (torch.unique(p[:, 0] * n_items + p[:, 1]) for p in (split, train))  # sorted keys
+        self.n_items, self.split_keys = n_items, split.to(device)
+        self.users, n_u = torch.unique(split // n_items, return_counts=True)  # [n_eval]
+        self.n_u = n_u.to(device).double()
+        train_user = train // n_items
+        chunk = max(1, max_scores // n_items)  # users per score matrix of at most max_scores floats
+        self.chunks = []
+        for lo in range(0, len(self.users), chunk):
+            users = self.users[lo:lo + chunk]
+            rows_keys = train[torch.isin(train_user, users)]  # train pairs of these users
+            rows = torch.searchsorted(users, rows_keys // n_items)  # row within the chunk
+            self.chunks.append((lo, users.to(device), rows.to(device), (rows_keys % n_items).to(device)))
+        self.users = self.users.to(device)
+        discount = 1 / torch.log2(torch.arange(2, max(KS) + 2, device=device, dtype=torch.float64))
+        self.discount, self.ideal = discount, discount.cumsum(0)  # [K]: 1/log2(r+1), IDCG by length
+
+    @torch.no_grad()
+    def topk(self, user_emb, item_emb, k=max(KS)):
+        """-> [n_eval, k] item ids, best first, train items excluded."""
+        out = []
+        for _, users, rows, cols in self.chunks:
+            scores = user_emb[users] @ item_emb.T  # [b, I]
+            scores[rows, cols] = -math.inf
+            out.append(scores.topk(k, dim=1).indices)
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def __call__(self, user_emb, item_emb):
+        top = self.topk(user_emb, item_emb)  # [n_eval, K]
+        hits = torch.isin(self.users[:, None] * self.n_items + top, self.split_keys).double()  # [n_eval, K]
+        result = {}
+        for k in KS:
+            result[f"recall@{k}"] = (hits[:, :k].sum(1) / self.n_u).mean()
+            idcg = self.ideal[self.n_u.long().clamp_max(k) - 1]  # [n_eval]
+            result[f"ndcg@{k}"] = ((hits[:, :k] * self.discount[:k]).sum(1) / idcg).mean()
+        return {name: float(v) for name, v in zip(result, torch.stack(list(result.values())).tolist())}
+
+
+# ---------------------------------------------------------------------------------------------
+# Building and saving a run
+
+def resolve_device(name):
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def build(cfg, ds, device, seed):
+    """Model, CLUB estimator and their optimizers, initialised from `seed`."""
+    torch.manual_seed(seed)
+    train = torch.from_numpy(ds.train)
+    features = {"image": torch.from_numpy(ds.image), "text": torch.from_numpy(ds.text)}
+    adjacency = lightgcn_adjacency(train, ds.n_users, ds.n_items)
+    graph = item_graph(features["image"].to(device), features["text"].to(device), cfg.sand.knn_k,
+                       cfg.sand.image_weight)
+    model = SAND(cfg.sand, ds.n_users, features, adjacency, graph).to(device)
+    club = CLUB(cfg.sand.dist_dim, cfg.sand.club_hidden).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
+    club_opt = torch.optim.Adam(club.parameters(), lr=cfg.train.lr)
+    return model, club, opt, club_opt
+
+
+@dataclass
+class RunConfig:
+    sand: SANDConfig
+    train: TrainConfig
+
+
+def save_json(path, obj):
+    data.atomic_write(path, json.dumps(obj, indent=2) + "\n")
+
+
+def save_checkpoint(path, state):
+    data.atomic_write(path, lambda f: torch.save(state, f), mode="wb")
+
+
+def write_metrics(path, rows):
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    data.atomic_write(path, buf.getvalue())
+
+
+def write_topk(path, users, top):
+    lines = ["\t".join(map(str, [u] + row)) for u, row in zip(users.tolist(), top.tolist())]
+    data.atomic_write(path, "\n".join(lines) + "\n")
+
+
+class Timer:
+    """Seconds per phase of an epoch; with `sync`, waits for the device at each lap (profiling)."""
+
+    def __init__(self, device, sync):
+        self.sync = sync and device.type == "cuda"
+        self.total, self.last = {}, time.perf_counter()
+
+    def lap(self, name):
+        if self.sync:
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        self.total[name] = self.total.get(name, 0.0) + now - self.last
+        self.last = now
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+def train_epoch(model, club, opt, club_opt, sampler, cfg, timer):
+    """One pass over the train interactions; returns the mean of each loss term."""
+    model.train()
+    sums = {}
+    batches = sampler.epoch(cfg.train.batch_size)
+    timer.lap("sample")
+    for user, pos, neg in batches:
+        opt.zero_grad(set_to_none=True)
+        loss, terms, pairs = model.loss(user, pos, neg, club, sampler.gen)
+        timer.lap("forward")
+        loss.backward()
+        timer.lap("backward")
+        if pairs is not None:  # the estimator's own steps, after the model's backward, before its step
+            terms["club_nll"] = fit_club(club, club_opt, *pairs, cfg.sand.club_steps)
+            timer.lap("estimator")
+        opt.step()
+        timer.lap("optimizer")
+        for k, v in terms.items():
+            sums[k] = sums.get(k, 0) + v
+    names = list(sums)
+    values = (torch.stack([sums[k] for k in names]) / len(batches)).tolist()  # one host sync
+    return dict(zip(names, values))
+
+
+def early_stopping(score, best, bad_epochs, patience):
+    """MMRec's rule: the score, rounded to 4 decimals as MMRec reports it, must strictly beat the
+    best; stop once more than `patience` epochs in a row have not. -> (best, bad_epochs, improved, stop)"""
+    score = round(score, 4)
+    if score > best:
+        return score, 0, True, False
+    return best, bad_epochs + 1, False, bad_epochs + 1 > patience
+
+
+def evaluate(model, evaluators):
+    model.eval()
+    with torch.no_grad():
+        users, items, _ = model(parts=False)  # recomputed in eval mode, not left over from training
+    return {name: ev(users, items) for name, ev in evaluators.items()}
+
+
+def fit(cfg, ds, device, out, resume=None, log=print):
+    """Train with MMRec's early stopping on valid Recall@20; returns the results dict."""
+    model, club, opt, club_opt = build(cfg, ds, device, cfg.train.seed)
+    gen = torch.Generator(device=device).manual_seed(cfg.train.seed)
+    sampler = BPRSampler(torch.from_numpy(ds.train).to(device), ds.n_items, gen)
+    evaluators = {s: Evaluator(torch.from_numpy(getattr(ds, s)), torch.from_numpy(ds.train), ds.n_items, device)
+                  for s in ("valid", "test")}
+    state = {"epoch": 0, "best_score": -1.0, "bad_epochs": 0, "best_epoch": None, "best": None, "history": []}
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        club.load_state_dict(resume["club"])
+        opt.load_state_dict(resume["opt"])
+        club_opt.load_state_dict(resume["club_opt"])
+        gen.set_state(resume["generator"])
+        state = resume["state"]
+        log(f"resuming after epoch {state['epoch']}")
+    for epoch in range(state["epoch"] + 1, cfg.train.epochs + 1):
+        timer = Timer(device, cfg.train.profile)
+        t0 = time.perf_counter()
+        terms = train_epoch(model, club, opt, club_opt, sampler, cfg, timer)
+        t1 = time.perf_counter()
+        if not all(math.isfinite(v) for v in terms.values()):
+            log(f"epoch {epoch}: a loss is not finite ({terms}); stopping, the best epoch is kept")
+            break
+        metrics = evaluate(model, evaluators)
+        timer.lap("evaluate")
+        t2 = time.perf_counter()
+        state["best_score"], state["bad_epochs"], improved, stop = early_stopping(
+            metrics["valid"]["recall@20"], state["best_score"], state["bad_epochs"], cfg.train.patience)
+        if improved:
+            state.update(best_epoch=epoch, best=metrics)
+        state["epoch"] = epoch
+        row = {"epoch": epoch, **{k: round(v, 6) for k, v in terms.items()},
+               **{f"{s}_{k}": round(v, 6) for s in metrics for k, v in metrics[s].items()},
+               "train_s": round(t1 - t0, 3), "eval_s": round(t2 - t1, 3)}
+        state["history"].append(row)
+        write_metrics(os.path.join(out, "metrics.csv"), state["history"])
+        ckpt = {"model": model.state_dict(), "club": club.state_dict(), "opt": opt.state_dict(),
+                "club_opt": club_opt.state_dict(), "generator": gen.get_state(), "state": state,
+                "config": dataclasses.asdict(cfg), "dataset": ds.summary()}
+        save_checkpoint(os.path.join(out, "last.pt"), ckpt)
+        if improved:
+            save_checkpoint(os.path.join(out, "best.pt"), ckpt)
+        loss_txt = " ".join(f"{k} {v:.4f}" for k, v in terms.items())
+        log(f"epoch {epoch:4d} | {loss_txt} | valid R@20 {metrics['valid']['recall@20']:.4f} "
+            f"test R@20 {metrics['test']['recall@20']:.4f} | train {t1 - t0:.2f}s eval {t2 - t1:.2f}s"
+            + (" *" if improved else ""))
+        if cfg.train.profile:
+            log("  profile: " + " ".join(f"{k} {v:.3f}s" for k, v in timer.total.items()))
+        if stop:
+            break
+    hist = state["history"]
+    results = {"best_epoch": state["best_epoch"], "valid": state["best"] and state["best"]["valid"],
+               "test": state["best"] and state["best"]["test"], "epochs_run": state["epoch"],
+               "train_s_per_epoch": float(np.median([r["train_s"] for r in hist])) if hist else None,
+               "eval_s_per_epoch": float(np.median([r["eval_s"] for r in hist])) if hist else None,
+               "dataset": ds.summary()}
+    save_json(os.path.join(out, "results.json"), results)
+    return results, model, evaluators
+
+
+def load_checkpoint(path):
+    if not os.path.isfile(path):
+        raise data.DataError(f"checkpoint {path} not found (a run folder holds best.pt and last.pt)")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def config_from_checkpoint(ckpt):
+    c = ckpt["config"]
+    return RunConfig(SANDConfig(**c["sand"]), TrainConfig(**c["train"]))
+
+
+def environment(device):
+    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+            "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
+            else platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+            "command": sys.argv}
+
+
+def run(cfg, log=print):
+    """The command line's work, given a resolved configuration."""
+    t = cfg.train
+    if t.eval_only:
+        return eval_only(cfg, log)
+    resume = None
+    if t.resume:
+        resume = load_checkpoint(t.resume)
+        cfg = config_from_checkpoint(resume)
+        cfg.train.resume = t.resume
+        cfg.train.out = os.path.dirname(os.path.abspath(t.resume))
+        t = cfg.train
+    device = resolve_device(t.device)
+    ds = data.load_dataset(t.dataset, t.data_dir, t.data_seed)
+    out = t.out or os.path.join("runs", f"{t.dataset}-{cfg.sand.dist}-seed{t.seed}")
+    os.makedirs(out, exist_ok=True)
+    save_json(os.path.join(out, "config.json"), {**dataclasses.asdict(cfg), "dataset_stats": ds.summary(),
+                                                 "environment": environment(device)})
+    log(f"{ds.summary()} on {device}; writing to {out}/")
+    results, model, evaluators = fit(cfg, ds, device, out, resume, log)
+    log(f"best epoch {results['best_epoch']}: test " + json.dumps(results["test"]))
+    if t.topk_out and results["best_epoch"] is not None:
+        model.load_state_dict(load_checkpoint(os.path.join(out, "best.pt"))["model"])
+        write_topk_file(model, evaluators["test"], t.topk_out)
+    return results
+
+
+def write_topk_file(model, evaluator, path):
+    model.eval()
+    with torch.no_grad():
+        users, items, _ = model(parts=False)
+    write_topk(path, evaluator.users, evaluator.topk(users, items))
+
+
+def eval_only(cfg, log):
+    if not cfg.train.ckpt:
+        raise data.DataError("--eval-only needs --ckpt PATH (a run folder's best.pt)")
+    ckpt = load_checkpoint(cfg.train.ckpt)
+    saved = config_from_checkpoint(ckpt)
+    device = resolve_device(cfg.train.device)
+    ds = data.load_dataset(saved.train.dataset, cfg.train.data_dir, saved.train.data_seed)
+    if ds.summary() != ckpt["dataset"]:
+        raise data.DataError(f"checkpoint was trained on {ckpt['dataset']}, but the data is {ds.summary()}")
+    model = build(saved, ds, device, saved.train.seed)[0]
+    model.load_state_dict(ckpt["model"])
+    evaluators = {s: Evaluator(torch.from_numpy(getattr(ds, s)), torch.from_numpy(ds.train), ds.n_items, device)
+                  for s in ("valid", "test")}
+    metrics = evaluate(model, evaluators)
+    log(json.dumps({"epoch": ckpt["state"]["epoch"], **metrics}, indent=2))
+    if cfg.train.topk_out:
+        write_topk_file(model, evaluators["test"], cfg.train.topk_out)
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+def parser():
+    p = argparse.ArgumentParser(description="Train SAND (Separate Alignment aNd Distancing) and report "
+                                "MMRec's Recall@10/20 and NDCG@10/20 at the best valid epoch.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for group, cls in (("training", TrainConfig), ("model (defaults: the authors' released code)", SANDConfig)):
+        g = p.add_argument_group(group)
+        for f in dataclasses.fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            if f.type is bool or f.type == "bool":
+                g.add_argument(flag, action="store_true", help=f.metadata["help"])
+            else:
+                kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
+                g.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"],
+                               choices=f.metadata.get("choices"))
+    return p
+
+
+def config_from_args(args):
+    values = vars(args)
+    return RunConfig(SANDConfig(**{f.name: values[f.name] for f in dataclasses.fields(SANDConfig)}),
+                     TrainConfig(**{f.name: values[f.name] for f in dataclasses.fields(TrainConfig)}))
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    try:
+        run(config_from_args(args))
+    except data.DataError as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
