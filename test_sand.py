@@ -1,4 +1,5 @@
 """Tests: every piece against an independent computation. Run: python -m pytest -q test_sand.py"""
+import csv
 import json
 import math
 import os
@@ -11,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import data
+import sand
 import train
 from sand import (CLUB, MODALITIES, SAND, SANDConfig, bpr_loss, fit_club, item_graph, knn_graph,
                   lightgcn, lightgcn_adjacency, neg_l2, solo_sim_loss)
@@ -339,6 +341,42 @@ def test_solo_sim_loss_matches_loop_and_behaves():
     assert float(solo_sim_loss(a, b, 1.0)) == pytest.approx(math.log(n), abs=0.05)
 
 
+@pytest.mark.parametrize("chunk_elements", [2 ** 24, 7 * 50])  # one block; blocks of 7 rows (last one partial)
+def test_solo_sim_loss_gradient_matches_autograd(monkeypatch, chunk_elements):
+    monkeypatch.setattr(sand, "CHUNK_ELEMENTS", chunk_elements)
+    gen = torch.Generator().manual_seed(2)
+    t = F.normalize(torch.randn(50, 6, generator=gen, dtype=torch.float64), dim=1).requires_grad_()
+    v = F.normalize(torch.randn(50, 6, generator=gen, dtype=torch.float64), dim=1).requires_grad_()
+    logits = t @ v.T / 0.2
+    want = (torch.logsumexp(logits, 1) - logits.diagonal()).mean()
+    got = solo_sim_loss(t, v, 0.2)
+    torch.testing.assert_close(got, want)
+    g_want = torch.autograd.grad(3 * want, (t, v))
+    g_got = torch.autograd.grad(3 * got, (t, v))
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b)
+
+
+def test_fit_club_equals_autograd_steps():
+    torch.manual_seed(0)
+    x, y = torch.randn(300, 6, dtype=torch.float64), torch.randn(300, 6, dtype=torch.float64)
+    y = y + x  # dependent, so the fit moves
+    fast = CLUB(6, 4).double()
+    ref = CLUB(6, 4).double()
+    ref.load_state_dict(fast.state_dict())
+    ref_opt = torch.optim.Adam(ref.parameters(), lr=1e-2)
+    for _ in range(20):
+        ref_opt.zero_grad()
+        ref_loss = ref.nll(x, y)
+        ref_loss.backward()
+        ref_opt.step()
+    loss = fit_club(fast, torch.optim.Adam(fast.parameters(), lr=1e-2, foreach=True), x, y, 20)
+    torch.testing.assert_close(loss, ref_loss.detach())
+    for (name, a), b in zip(fast.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, msg=name)
+    assert float(loss) < float(CLUB(6, 4).double().nll(x, y))  # and it did fit
+
+
 def test_neg_l2_sign_and_gradient():
     a = torch.randn(10, 4, requires_grad=True)
     b = torch.randn(10, 4)
@@ -545,3 +583,17 @@ def test_cli_end_to_end_writes_all_files(tmp_path):
     best = [row for row in (out / "metrics.csv").read_text().splitlines()][1:]
     assert evaluated["test"]["recall@20"] == pytest.approx(results["test"]["recall@20"], abs=1e-12)
     assert evaluated["valid"] == pytest.approx(results["valid"], abs=1e-12) and best
+
+
+@pytest.mark.parametrize("dist", ["mi", "l2", "none"])
+def test_training_learns_and_beats_most_popular(tmp_path, dist):
+    ds = tiny()
+    ev = train.Evaluator(torch.from_numpy(ds.test), torch.from_numpy(ds.train), ds.n_items, torch.device("cpu"))
+    popularity = torch.bincount(torch.from_numpy(ds.train[:, 1]), minlength=ds.n_items).double()
+    most_popular = ev(torch.ones(ds.n_users, 1, dtype=torch.float64), popularity[:, None])["recall@20"]
+    cfg = run_cfg(dist=dist, epochs=20, lr=1e-3, batch_size=512)
+    results, _, _ = train.fit(cfg, ds, torch.device("cpu"), str(tmp_path), log=lambda *_: None)
+    with open(tmp_path / "metrics.csv") as f:
+        first = float(next(csv.DictReader(f))["valid_recall@20"])
+    assert results["valid"]["recall@20"] > 1.2 * first
+    assert results["test"]["recall@20"] > 1.3 * most_popular

@@ -157,8 +157,8 @@ def build(cfg, ds, device, seed):
                        cfg.sand.image_weight)
     model = SAND(cfg.sand, ds.n_users, features, adjacency, graph).to(device)
     club = CLUB(cfg.sand.dist_dim, cfg.sand.club_hidden).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
-    club_opt = torch.optim.Adam(club.parameters(), lr=cfg.train.lr)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, foreach=True)
+    club_opt = torch.optim.Adam(club.parameters(), lr=cfg.train.lr, foreach=True)
     return model, club, opt, club_opt
 
 
