@@ -381,7 +381,7 @@ def test_neg_l2_sign_and_gradient():
     a = torch.randn(10, 4, requires_grad=True)
     b = torch.randn(10, 4)
     loss = neg_l2(a, b)
-    assert float(loss) == pytest.approx(-float(((a - b) ** 2).mean()))
+    assert loss.item() == pytest.approx(-((a - b) ** 2).mean().item())
     loss.backward()
     torch.testing.assert_close(a.grad, -2 * (a - b).detach() / a.numel())
     with torch.no_grad():  # a gradient step on the loss moves a away from b
@@ -542,8 +542,8 @@ def test_resume_continues_exactly(tmp_path):
     cfg = train.config_from_checkpoint(ckpt)
     cfg.train.epochs = 4
     resumed = train.fit(cfg, tiny(), torch.device("cpu"), str(out), ckpt, log=lambda *_: None)[0]
-    assert resumed == {**whole, "train_s_per_epoch": resumed["train_s_per_epoch"],
-                       "eval_s_per_epoch": resumed["eval_s_per_epoch"]}
+    timing = ("train_s_per_epoch", "eval_s_per_epoch", "peak_memory_gib")
+    assert {k: v for k, v in resumed.items() if k not in timing} == {k: v for k, v in whole.items() if k not in timing}
     rows = (out / "metrics.csv").read_text().splitlines()
     assert len(rows) == 5 and [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3", "4"]
 
@@ -597,3 +597,54 @@ def test_training_learns_and_beats_most_popular(tmp_path, dist):
         first = float(next(csv.DictReader(f))["valid_recall@20"])
     assert results["valid"]["recall@20"] > 1.2 * first
     assert results["test"]["recall@20"] > 1.3 * most_popular
+
+
+# ---------------------------------------------------------------------------------------------
+# Ablation grid and the unique-information diagnostic
+
+def test_ridge_r2_on_hand_made_parts():
+    gen = torch.Generator().manual_seed(0)
+    factor = torch.randn(600, 3, generator=gen, dtype=torch.float64)
+    noise = torch.randn(600, 40, generator=gen, dtype=torch.float64)
+    mixed = torch.cat([factor @ torch.randn(3, 3, generator=gen, dtype=torch.float64), noise], 1)
+    fit, new = slice(0, 300), slice(300, 600)
+    assert train.ridge_r2(factor[fit], factor[fit], factor[new], factor[new]) > 0.999
+    assert train.ridge_r2(mixed[fit], factor[fit], mixed[new], factor[new]) > 0.95  # recovers a linear mix
+    assert abs(train.ridge_r2(noise[fit], factor[fit], noise[new], factor[new])) < 0.05
+
+
+def test_unique_info_reads_each_part_against_each_factor():
+    rng = np.random.default_rng(0)
+    factors = {name: rng.standard_normal((400, 4)) for name in ("generic", "image", "text")}
+    as_t = lambda a: torch.from_numpy(a).float()
+
+    class Parts:  # stands in for a trained SAND: parts that carry exactly one factor group each
+        def split_parts(self, m):
+            return {"generic": as_t(factors["generic"]), "unique": as_t(factors[m]),
+                    "a": as_t(rng.standard_normal((400, 4))), "b": as_t(factors[m] + factors["generic"])}
+    r2 = train.unique_info(Parts(), factors)
+    assert r2["image unique"]["image"] > 0.99 and abs(r2["image unique"]["text"]) < 0.05
+    assert r2["text generic"]["generic"] > 0.99 and abs(r2["text generic"]["image"]) < 0.05
+    assert abs(r2["image a"]["generic"]) < 0.05
+    assert 0.3 < r2["text b"]["text"] < 0.7 and 0.3 < r2["text b"]["generic"] < 0.7
+
+
+def test_ablation_grid_writes_its_table_and_resumes(tmp_path, monkeypatch):
+    cfg = run_cfg(epochs=1, seeds=2, batch_size=1024, club_steps=2, out=str(tmp_path))
+    rows = train.ablation(cfg, tiny(), torch.device("cpu"), log=lambda *_: None)
+    assert len(rows) == 2 * len(train.ABLATIONS)
+    with open(tmp_path / "ablation.csv") as f:
+        assert len(list(csv.DictReader(f))) == 12
+    table = (tmp_path / "ablation.md").read_text()
+    body = [line for line in table.splitlines() if line.startswith("| ") and "±" in line]
+    assert [line.split(" | ")[0][2:] for line in body] == [label for label, _ in train.ABLATIONS.values()]
+    assert all(line.count(" ± ") == 4 for line in body) and "on `tiny`" in table
+    results = json.loads((tmp_path / "neither-seed1000" / "results.json").read_text())
+    assert results["unique_info_r2"]["best"]["image unique"].keys() == {"generic", "image", "text"}
+    config = json.loads((tmp_path / "neither-seed1000" / "config.json").read_text())
+    assert (config["sand"]["dist"], config["sand"]["align"], config["train"]["seed"]) == ("none", "none", 1000)
+
+    def no_training(*a, **k):
+        raise AssertionError("a finished run was trained again")
+    monkeypatch.setattr(train, "train_one", no_training)
+    assert train.ablation(cfg, tiny(), torch.device("cpu"), log=lambda *_: None) == rows

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import platform
+import resource
 import sys
 import time
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 
 import data
-from sand import CLUB, SAND, SANDConfig, fit_club, item_graph, lightgcn_adjacency
+from sand import CLUB, MODALITIES, SAND, SANDConfig, fit_club, item_graph, lightgcn_adjacency
 
 KS = (10, 20)  # Recall@K and NDCG@K
 
@@ -48,6 +49,9 @@ class TrainConfig:
     eval_only: bool = _opt(False, "evaluate the checkpoint --ckpt on valid and test, no training")
     ckpt: str = _opt("", "checkpoint for --eval-only")
     resume: str = _opt("", "continue the run that wrote this checkpoint (last.pt), in its folder")
+    ablation: bool = _opt(False, "run the ablation grid (full SAND with mi and l2, cross and intra CLUB "
+                          "fitting, alignment only, distancing only, neither) and write ablation.csv/.md")
+    seeds: int = _opt(3, "seeds per variant in --ablation")
     profile: bool = _opt(False, "print per-epoch seconds in sampling, forward, backward, estimator, "
                          "optimizer and evaluation (synchronises the device)")
 
@@ -138,6 +142,55 @@ class Evaluator:
             idcg = self.ideal[self.n_u.long().clamp_max(k) - 1]  # [n_eval]
             result[f"ndcg@{k}"] = ((hits[:, :k] * self.discount[:k]).sum(1) / idcg).mean()
         return {name: float(v) for name, v in zip(result, torch.stack(list(result.values())).tolist())}
+
+
+# ---------------------------------------------------------------------------------------------
+# What the learned parts carry (built-in datasets, whose planted factors are known)
+
+def ridge_r2(x_fit, y_fit, x_new, y_new, penalties=10.0 ** np.arange(-3, 5)):
+    """Held-out R^2 of a ridge regression y ~ x, in closed form: columns of x standardised on the
+    fitting rows, the penalty picked from `penalties` by exact leave-one-out error on those rows.
+        coef = (X^T X + lam I)^-1 X^T y = V diag(s / (s^2 + lam)) U^T y   (X = U diag(s) V^T)"""
+    mean, std = x_fit.mean(0), x_fit.std(0).clamp_min(1e-12)
+    x_fit, x_new = (x_fit - mean) / std, (x_new - mean) / std
+    y_mean = y_fit.mean(0)
+    u, sv, vh = torch.linalg.svd(x_fit, full_matrices=False)  # [n, r], [r], [r, d]
+    uty = u.T @ (y_fit - y_mean)  # [r, k]
+    loo = []
+    for lam in penalties:
+        shrink = sv ** 2 / (sv ** 2 + lam)  # [r]
+        fitted = u @ (shrink[:, None] * uty)  # [n, k]
+        leverage = (u ** 2 * shrink).sum(1)  # [n]: diagonal of the hat matrix
+        loo.append((((y_fit - y_mean - fitted) / (1 - leverage)[:, None]) ** 2).sum())
+    lam = penalties[int(torch.stack(loo).argmin())]
+    coef = vh.T @ ((sv / (sv ** 2 + lam))[:, None] * uty)  # [d, k]
+    residual = y_new - (x_new @ coef + y_mean)
+    return float(1 - (residual ** 2).sum() / ((y_new - y_new.mean(0)) ** 2).sum())
+
+
+def unique_info(model, factors, seed=0):
+    """R^2 of each planted factor group (generic, image-unique, text-unique) predicted from each
+    learned part of each modality (g_m, u_m and their distancing projections a_m, b_m) by ridge
+    regression fitted on a random half of the items and scored on the other half."""
+    n = len(factors["generic"])
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    fit_rows, new_rows = perm[:n // 2], perm[n // 2:]
+    truth = {name: torch.from_numpy(f).double() for name, f in factors.items()}
+    out = {}
+    for m in MODALITIES:
+        for part, x in model.split_parts(m).items():
+            x = x.double().cpu()
+            out[f"{m} {part}"] = {name: round(ridge_r2(x[fit_rows], y[fit_rows], x[new_rows], y[new_rows]), 4)
+                                  for name, y in truth.items()}
+    return out
+
+
+def format_r2(r2):
+    lines = ["R^2 of planted factors from learned parts (held-out items): init -> best epoch",
+             f"{'part':16s}" + "".join(f"{f:>20s}" for f in next(iter(r2["best"].values())))]
+    for part, row in r2["best"].items():
+        lines.append(f"{part:16s}" + "".join(f"{r2['init'][part][f]:>10.3f} ->{v:>7.3f}" for f, v in row.items()))
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,7 +307,8 @@ def fit(cfg, ds, device, out, resume=None, log=print):
     sampler = BPRSampler(torch.from_numpy(ds.train).to(device), ds.n_items, gen)
     evaluators = {s: Evaluator(torch.from_numpy(getattr(ds, s)), torch.from_numpy(ds.train), ds.n_items, device)
                   for s in ("valid", "test")}
-    state = {"epoch": 0, "best_score": -1.0, "bad_epochs": 0, "best_epoch": None, "best": None, "history": []}
+    state = {"epoch": 0, "best_score": -1.0, "bad_epochs": 0, "best_epoch": None, "best": None, "history": [],
+             "unique_info_r2_init": ds.factors and unique_info(model, ds.factors)}
     if resume is not None:
         model.load_state_dict(resume["model"])
         club.load_state_dict(resume["club"])
@@ -303,9 +357,19 @@ def fit(cfg, ds, device, out, resume=None, log=print):
                "test": state["best"] and state["best"]["test"], "epochs_run": state["epoch"],
                "train_s_per_epoch": float(np.median([r["train_s"] for r in hist])) if hist else None,
                "eval_s_per_epoch": float(np.median([r["eval_s"] for r in hist])) if hist else None,
-               "dataset": ds.summary()}
-    save_json(os.path.join(out, "results.json"), results)
+               "peak_memory_gib": peak_memory_gib(device), "dataset": ds.summary()}
+    if state["best_epoch"] is not None:  # leave the model at its best epoch
+        model.load_state_dict(load_checkpoint(os.path.join(out, "best.pt"))["model"])
+    if ds.factors is not None:  # a built-in dataset: what do the learned parts carry?
+        results["unique_info_r2"] = {"init": state["unique_info_r2_init"], "best": unique_info(model, ds.factors)}
     return results, model, evaluators
+
+
+def peak_memory_gib(device):
+    """Peak memory of this process so far: allocated on the GPU, or resident on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux reports KiB
 
 
 def load_checkpoint(path):
@@ -340,17 +404,88 @@ def run(cfg, log=print):
         t = cfg.train
     device = resolve_device(t.device)
     ds = data.load_dataset(t.dataset, t.data_dir, t.data_seed)
+    if t.ablation:
+        return ablation(cfg, ds, device, log)
     out = t.out or os.path.join("runs", f"{t.dataset}-{cfg.sand.dist}-seed{t.seed}")
+    results, model, evaluators = train_one(cfg, ds, device, out, resume, log)
+    log(f"best epoch {results['best_epoch']}: test " + json.dumps(results["test"]))
+    if "unique_info_r2" in results:
+        log(format_r2(results["unique_info_r2"]))
+    if t.topk_out and results["best_epoch"] is not None:
+        write_topk_file(model, evaluators["test"], t.topk_out)
+    return results
+
+
+def train_one(cfg, ds, device, out, resume=None, log=print):
+    """One run in folder `out`: config.json, then training, then results.json."""
     os.makedirs(out, exist_ok=True)
     save_json(os.path.join(out, "config.json"), {**dataclasses.asdict(cfg), "dataset_stats": ds.summary(),
                                                  "environment": environment(device)})
     log(f"{ds.summary()} on {device}; writing to {out}/")
     results, model, evaluators = fit(cfg, ds, device, out, resume, log)
-    log(f"best epoch {results['best_epoch']}: test " + json.dumps(results["test"]))
-    if t.topk_out and results["best_epoch"] is not None:
-        model.load_state_dict(load_checkpoint(os.path.join(out, "best.pt"))["model"])
-        write_topk_file(model, evaluators["test"], t.topk_out)
-    return results
+    save_json(os.path.join(out, "results.json"), results)
+    return results, model, evaluators
+
+
+ABLATIONS = {  # run folder prefix: (what it is, changes to the model's configuration)
+    "mi-cross": ("SAND, --dist mi (CLUB fitted cross-modal, as released)", {}),
+    "mi-intra": ("SAND, --dist mi --club-fit intra (as the paper describes)", {"club_fit": "intra"}),
+    "l2": ("SAND, --dist l2", {"dist": "l2"}),
+    "align-only": ("alignment only: --dist none", {"dist": "none"}),
+    "dist-only": ("distancing only: --align none (--dist mi)", {"align": "none"}),
+    "neither": ("neither: --dist none --align none", {"dist": "none", "align": "none"}),
+}
+METRICS = [f"{m}@{k}" for k in KS for m in ("recall", "ndcg")]
+
+
+def ablation(cfg, ds, device, log):
+    """Every variant in ABLATIONS for --seeds seeds (--seed, --seed + 1, ...), each run in its own
+    folder under --out; then ablation.csv (a row per run) and ablation.md (mean and sample standard
+    deviation over seeds). A run whose folder already holds results.json for the same configuration
+    is read back, not run again, so an interrupted grid continues where it stopped."""
+    out = cfg.train.out or os.path.join("runs", f"ablation-{cfg.train.dataset}")
+    rows = []
+    for key, (label, changes) in ABLATIONS.items():
+        for seed in range(cfg.train.seed, cfg.train.seed + cfg.train.seeds):
+            folder = os.path.join(out, f"{key}-seed{seed}")
+            one = RunConfig(dataclasses.replace(cfg.sand, **changes),
+                            dataclasses.replace(cfg.train, seed=seed, ablation=False, out=folder))
+            results = read_finished(folder, one)
+            if results is None:
+                results = train_one(one, ds, device, folder, log=lambda *_: None)[0]
+            log(f"{key:10s} seed {seed}: best epoch {results['best_epoch']}, test "
+                + " ".join(f"{m} {results['test'][m]:.4f}" for m in METRICS))
+            rows.append({"variant": key, "seed": seed, "best_epoch": results["best_epoch"],
+                         **{f"test_{m}": results["test"][m] for m in METRICS}})
+    write_metrics(os.path.join(out, "ablation.csv"), rows)
+    lines = [f"Test metrics at the best valid epoch on `{ds.name}`, mean ± sample std over "
+             f"{cfg.train.seeds} seeds ({cfg.train.seed}..{cfg.train.seed + cfg.train.seeds - 1}).", "",
+             "| variant | " + " | ".join(METRICS) + " | best epoch |", "|---" * (len(METRICS) + 2) + "|"]
+    for key, (label, _) in ABLATIONS.items():
+        mine = [r for r in rows if r["variant"] == key]
+        cells = []
+        for m in METRICS:
+            v = np.array([r[f"test_{m}"] for r in mine])
+            cells.append(f"{v.mean():.4f} ± {v.std(ddof=1) if len(v) > 1 else 0:.4f}")
+        epochs = np.mean([r["best_epoch"] or 0 for r in mine])
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {epochs:.0f} |")
+    table = "\n".join(lines) + "\n"
+    data.atomic_write(os.path.join(out, "ablation.md"), table)
+    log(table)
+    return rows
+
+
+def read_finished(folder, cfg):
+    """results.json of a finished run with this configuration, else None."""
+    try:
+        with open(os.path.join(folder, "config.json")) as f:
+            saved = json.load(f)
+        with open(os.path.join(folder, "results.json")) as f:
+            results = json.load(f)
+    except (OSError, ValueError):
+        return None
+    same = saved["sand"] == dataclasses.asdict(cfg.sand) and saved["train"] == dataclasses.asdict(cfg.train)
+    return results if same else None
 
 
 def write_topk_file(model, evaluator, path):
