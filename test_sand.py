@@ -202,19 +202,22 @@ def test_metrics_match_per_user_loop(max_scores):
     train_p, test_p = random_split(n_users, n_items, 3)
     gen = torch.Generator().manual_seed(0)
     users, items = torch.randn(n_users, 8, generator=gen), torch.randn(n_items, 8, generator=gen)
-    ev = train.Evaluator(torch.from_numpy(test_p), torch.from_numpy(train_p), n_items, torch.device("cpu"), max_scores)
+    valid_p = test_p[::3]  # another split over a subset of the users
+    ev = train.Evaluator(torch.from_numpy(train_p), {"valid": torch.from_numpy(valid_p), "test": torch.from_numpy(test_p)},
+                         n_items, torch.device("cpu"), max_scores)
     got = ev(users, items)
-    want = slow_metrics(users @ items.T, train_p.tolist(), test_p.tolist())
-    for k in want:
-        assert got[k] == pytest.approx(want[k], abs=1e-12), k
+    for split, pairs in (("valid", valid_p), ("test", test_p)):
+        want = slow_metrics(users @ items.T, train_p.tolist(), pairs.tolist())
+        for k in want:
+            assert got[split][k] == pytest.approx(want[k], abs=1e-12), (split, k)
 
 
 def hand_evaluator(scores, train_items, test_items):
     """One user whose item scores are given directly (1-d embeddings)."""
     n = len(scores)
-    ev = train.Evaluator(torch.tensor([[0, i] for i in test_items]), torch.tensor([[0, i] for i in train_items], dtype=torch.long).reshape(-1, 2),
-                         n, torch.device("cpu"))
-    return ev(torch.ones(1, 1, dtype=torch.float64), torch.tensor(scores, dtype=torch.float64)[:, None])
+    ev = train.Evaluator(torch.tensor([[0, i] for i in train_items], dtype=torch.long).reshape(-1, 2),
+                         {"test": torch.tensor([[0, i] for i in test_items])}, n, torch.device("cpu"))
+    return ev(torch.ones(1, 1, dtype=torch.float64), torch.tensor(scores, dtype=torch.float64)[:, None])["test"]
 
 
 def test_metrics_hand_worked():
@@ -247,7 +250,7 @@ def test_masked_train_items_never_reach_the_top_k():
     users = torch.randn(n_users, 4)
     items = torch.randn(n_items, 4)
     items[train_p[:, 1]] += 100 * users.mean(0)  # train items score highest, unless masked
-    ev = train.Evaluator(torch.from_numpy(test_p), torch.from_numpy(train_p), n_items, torch.device("cpu"))
+    ev = train.Evaluator(torch.from_numpy(train_p), {"test": torch.from_numpy(test_p)}, n_items, torch.device("cpu"))
     top = ev.topk(users, items)
     train_set = set(map(tuple, train_p.tolist()))
     assert not any((u, i) in train_set for u, row in zip(ev.users.tolist(), top.tolist()) for i in row)
@@ -588,9 +591,9 @@ def test_cli_end_to_end_writes_all_files(tmp_path):
 @pytest.mark.parametrize("dist", ["mi", "l2", "none"])
 def test_training_learns_and_beats_most_popular(tmp_path, dist):
     ds = tiny()
-    ev = train.Evaluator(torch.from_numpy(ds.test), torch.from_numpy(ds.train), ds.n_items, torch.device("cpu"))
+    ev = train.make_evaluator(ds, torch.device("cpu"))
     popularity = torch.bincount(torch.from_numpy(ds.train[:, 1]), minlength=ds.n_items).double()
-    most_popular = ev(torch.ones(ds.n_users, 1, dtype=torch.float64), popularity[:, None])["recall@20"]
+    most_popular = ev(torch.ones(ds.n_users, 1, dtype=torch.float64), popularity[:, None])["test"]["recall@20"]
     cfg = run_cfg(dist=dist, epochs=20, lr=1e-3, batch_size=512)
     results, _, _ = train.fit(cfg, ds, torch.device("cpu"), str(tmp_path), log=lambda *_: None)
     with open(tmp_path / "metrics.csv") as f:

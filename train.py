@@ -98,50 +98,61 @@ class BPRSampler:
 # Evaluation: full ranking, MMRec's Recall@K and NDCG@K
 
 class Evaluator:
-    """Full ranking over all items for every user with items in `split`, the user's train items
+    """Full ranking over all items for every user with items in a split, the user's train items
     masked (for valid and test alike). Per user with n_u split items and hits h_r at ranks r = 1..K:
         Recall@K = sum_r h_r / n_u
         NDCG@K   = sum_r h_r / log2(r + 1)  /  sum_{r <= min(n_u, K)} 1 / log2(r + 1)
-    both averaged over users. The masks are indexed once here, so evaluating is a few large tensor
-    ops per chunk of users with one host sync at the end. A pair repeated in a split counts once."""
+    both averaged over the split's users. Since both splits mask the same train items, one top-K per
+    user serves valid and test. The masks are indexed once here, so evaluating is a few large tensor
+    ops per chunk of users and one host sync. A pair repeated within a split counts once."""
 
-    def __init__(self, split, train, n_items, device, max_scores=2 ** 25):
-        split, train = (torch.unique(p[:, 0] * n_items + p[:, 1]) for p in (split, train))  # sorted keys
-        self.n_items, self.split_keys = n_items, split.to(device)
-        self.users, n_u = torch.unique(split // n_items, return_counts=True)  # [n_eval]
-        self.n_u = n_u.to(device).double()
+    def __init__(self, train, splits, n_items, device, max_scores=2 ** 25):
+        key = lambda pairs: torch.unique(pairs[:, 0] * n_items + pairs[:, 1])  # sorted
+        train, keys = key(train), {name: key(pairs) for name, pairs in splits.items()}
+        self.n_items = n_items
+        self.users = torch.unique(torch.cat([k // n_items for k in keys.values()]))  # [n_eval] sorted
+        self.splits = {}
+        for name, k in keys.items():
+            users, n_u = torch.unique(k // n_items, return_counts=True)
+            rows = torch.searchsorted(self.users, users)  # their rows among self.users
+            self.splits[name] = (k.to(device), rows.to(device), n_u.to(device).double())
         train_user = train // n_items
         chunk = max(1, max_scores // n_items)  # users per score matrix of at most max_scores floats
         self.chunks = []
         for lo in range(0, len(self.users), chunk):
             users = self.users[lo:lo + chunk]
-            rows_keys = train[torch.isin(train_user, users)]  # train pairs of these users
-            rows = torch.searchsorted(users, rows_keys // n_items)  # row within the chunk
-            self.chunks.append((lo, users.to(device), rows.to(device), (rows_keys % n_items).to(device)))
+            train_keys = train[torch.isin(train_user, users)]  # train pairs of these users
+            rows = torch.searchsorted(users, train_keys // n_items)  # row within the chunk
+            self.chunks.append((users.to(device), rows.to(device), (train_keys % n_items).to(device)))
         self.users = self.users.to(device)
         discount = 1 / torch.log2(torch.arange(2, max(KS) + 2, device=device, dtype=torch.float64))
         self.discount, self.ideal = discount, discount.cumsum(0)  # [K]: 1/log2(r+1), IDCG by length
 
     @torch.no_grad()
     def topk(self, user_emb, item_emb, k=max(KS)):
-        """-> [n_eval, k] item ids, best first, train items excluded."""
+        """-> [n_eval, k] item ids per user of self.users, best first, train items excluded."""
         out = []
-        for _, users, rows, cols in self.chunks:
+        for users, rows, cols in self.chunks:
             scores = user_emb[users] @ item_emb.T  # [b, I]
             scores[rows, cols] = -math.inf
-            out.append(scores.topk(k, dim=1).indices)
+            out.append(scores.topk(min(k, self.n_items), dim=1).indices)
         return torch.cat(out)
 
     @torch.no_grad()
     def __call__(self, user_emb, item_emb):
-        top = self.topk(user_emb, item_emb)  # [n_eval, K]
-        hits = torch.isin(self.users[:, None] * self.n_items + top, self.split_keys).double()  # [n_eval, K]
+        """-> {split: {"recall@10": ..., "ndcg@10": ..., "recall@20": ..., "ndcg@20": ...}}"""
+        top_keys = self.users[:, None] * self.n_items + self.topk(user_emb, item_emb)  # [n_eval, K]
+        names, values = [], []
+        for split, (keys, rows, n_u) in self.splits.items():
+            hits = torch.isin(top_keys[rows], keys).double()  # [n_split_users, K]
+            for k in KS:
+                idcg = self.ideal[n_u.long().clamp_max(k) - 1]  # [n_split_users]
+                names += [(split, f"recall@{k}"), (split, f"ndcg@{k}")]
+                values += [(hits[:, :k].sum(1) / n_u).mean(), ((hits[:, :k] * self.discount[:k]).sum(1) / idcg).mean()]
         result = {}
-        for k in KS:
-            result[f"recall@{k}"] = (hits[:, :k].sum(1) / self.n_u).mean()
-            idcg = self.ideal[self.n_u.long().clamp_max(k) - 1]  # [n_eval]
-            result[f"ndcg@{k}"] = ((hits[:, :k] * self.discount[:k]).sum(1) / idcg).mean()
-        return {name: float(v) for name, v in zip(result, torch.stack(list(result.values())).tolist())}
+        for (split, metric), v in zip(names, torch.stack(values).tolist()):
+            result.setdefault(split, {})[metric] = v
+        return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,11 +248,6 @@ def write_metrics(path, rows):
     data.atomic_write(path, buf.getvalue())
 
 
-def write_topk(path, users, top):
-    lines = ["\t".join(map(str, [u] + row)) for u, row in zip(users.tolist(), top.tolist())]
-    data.atomic_write(path, "\n".join(lines) + "\n")
-
-
 class Timer:
     """Seconds per phase of an epoch; with `sync`, waits for the device at each lap (profiling)."""
 
@@ -293,11 +299,16 @@ def early_stopping(score, best, bad_epochs, patience):
     return best, bad_epochs + 1, False, bad_epochs + 1 > patience
 
 
-def evaluate(model, evaluators):
+def make_evaluator(ds, device):
+    splits = {s: torch.from_numpy(getattr(ds, s)) for s in ("valid", "test")}
+    return Evaluator(torch.from_numpy(ds.train), splits, ds.n_items, device)
+
+
+def evaluate(model, evaluator):
     model.eval()
     with torch.no_grad():
         users, items, _ = model(parts=False)  # recomputed in eval mode, not left over from training
-    return {name: ev(users, items) for name, ev in evaluators.items()}
+    return evaluator(users, items)
 
 
 def fit(cfg, ds, device, out, resume=None, log=print):
@@ -305,8 +316,7 @@ def fit(cfg, ds, device, out, resume=None, log=print):
     model, club, opt, club_opt = build(cfg, ds, device, cfg.train.seed)
     gen = torch.Generator(device=device).manual_seed(cfg.train.seed)
     sampler = BPRSampler(torch.from_numpy(ds.train).to(device), ds.n_items, gen)
-    evaluators = {s: Evaluator(torch.from_numpy(getattr(ds, s)), torch.from_numpy(ds.train), ds.n_items, device)
-                  for s in ("valid", "test")}
+    evaluator = make_evaluator(ds, device)
     state = {"epoch": 0, "best_score": -1.0, "bad_epochs": 0, "best_epoch": None, "best": None, "history": [],
              "unique_info_r2_init": ds.factors and unique_info(model, ds.factors)}
     if resume is not None:
@@ -325,7 +335,7 @@ def fit(cfg, ds, device, out, resume=None, log=print):
         if not all(math.isfinite(v) for v in terms.values()):
             log(f"epoch {epoch}: a loss is not finite ({terms}); stopping, the best epoch is kept")
             break
-        metrics = evaluate(model, evaluators)
+        metrics = evaluate(model, evaluator)
         timer.lap("evaluate")
         t2 = time.perf_counter()
         state["best_score"], state["bad_epochs"], improved, stop = early_stopping(
@@ -362,7 +372,7 @@ def fit(cfg, ds, device, out, resume=None, log=print):
         model.load_state_dict(load_checkpoint(os.path.join(out, "best.pt"))["model"])
     if ds.factors is not None:  # a built-in dataset: what do the learned parts carry?
         results["unique_info_r2"] = {"init": state["unique_info_r2_init"], "best": unique_info(model, ds.factors)}
-    return results, model, evaluators
+    return results, model, evaluator
 
 
 def peak_memory_gib(device):
@@ -407,12 +417,12 @@ def run(cfg, log=print):
     if t.ablation:
         return ablation(cfg, ds, device, log)
     out = t.out or os.path.join("runs", f"{t.dataset}-{cfg.sand.dist}-seed{t.seed}")
-    results, model, evaluators = train_one(cfg, ds, device, out, resume, log)
+    results, model, evaluator = train_one(cfg, ds, device, out, resume, log)
     log(f"best epoch {results['best_epoch']}: test " + json.dumps(results["test"]))
     if "unique_info_r2" in results:
         log(format_r2(results["unique_info_r2"]))
     if t.topk_out and results["best_epoch"] is not None:
-        write_topk_file(model, evaluators["test"], t.topk_out)
+        write_topk_file(model, evaluator, t.topk_out)
     return results
 
 
@@ -422,9 +432,9 @@ def train_one(cfg, ds, device, out, resume=None, log=print):
     save_json(os.path.join(out, "config.json"), {**dataclasses.asdict(cfg), "dataset_stats": ds.summary(),
                                                  "environment": environment(device)})
     log(f"{ds.summary()} on {device}; writing to {out}/")
-    results, model, evaluators = fit(cfg, ds, device, out, resume, log)
+    results, model, evaluator = fit(cfg, ds, device, out, resume, log)
     save_json(os.path.join(out, "results.json"), results)
-    return results, model, evaluators
+    return results, model, evaluator
 
 
 ABLATIONS = {  # run folder prefix: (what it is, changes to the model's configuration)
@@ -489,10 +499,14 @@ def read_finished(folder, cfg):
 
 
 def write_topk_file(model, evaluator, path):
+    """The top-20 items of every test user: a TSV line each, user id then items, best first."""
     model.eval()
     with torch.no_grad():
         users, items, _ = model(parts=False)
-    write_topk(path, evaluator.users, evaluator.topk(users, items))
+    rows = evaluator.splits["test"][1]
+    top = evaluator.topk(users, items)[rows]
+    lines = ["\t".join(map(str, [u] + row)) for u, row in zip(evaluator.users[rows].tolist(), top.tolist())]
+    data.atomic_write(path, "\n".join(lines) + "\n")
 
 
 def eval_only(cfg, log):
@@ -506,12 +520,11 @@ def eval_only(cfg, log):
         raise data.DataError(f"checkpoint was trained on {ckpt['dataset']}, but the data is {ds.summary()}")
     model = build(saved, ds, device, saved.train.seed)[0]
     model.load_state_dict(ckpt["model"])
-    evaluators = {s: Evaluator(torch.from_numpy(getattr(ds, s)), torch.from_numpy(ds.train), ds.n_items, device)
-                  for s in ("valid", "test")}
-    metrics = evaluate(model, evaluators)
+    evaluator = make_evaluator(ds, device)
+    metrics = evaluate(model, evaluator)
     log(json.dumps({"epoch": ckpt["state"]["epoch"], **metrics}, indent=2))
     if cfg.train.topk_out:
-        write_topk_file(model, evaluators["test"], cfg.train.topk_out)
+        write_topk_file(model, evaluator, cfg.train.topk_out)
     return metrics
 
 
