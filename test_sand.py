@@ -94,11 +94,18 @@ def test_missing_dataset_names_files_and_sources(tmp_path):
     assert "\n" not in msg
 
 
-def test_cli_bad_input_is_one_line_exit_2(tmp_path):
-    r = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--dataset", "baby", "--data-dir",
-                        str(tmp_path)], capture_output=True, text=True, timeout=120)
+@pytest.mark.parametrize("args, expect", [
+    (["--dataset", "baby", "--data-dir", "{tmp}"], "dataset 'baby' not found"),
+    (["--device", "gpu0"], "--device 'gpu0' is not a device"),
+    (["--eval-only"], "--eval-only needs --ckpt"),
+    (["--resume", "{tmp}/last.pt"], "checkpoint {tmp}/last.pt not found"),
+])
+def test_cli_bad_input_is_one_line_exit_2(tmp_path, args, expect):
+    args = [a.format(tmp=tmp_path) for a in args]
+    r = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *args], capture_output=True, text=True,
+                       timeout=120, cwd=tmp_path)
     assert r.returncode == 2
-    assert r.stderr.count("\n") == 1 and r.stderr.startswith("train.py: error: dataset 'baby' not found")
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("train.py: error: " + expect.format(tmp=tmp_path))
     assert "Traceback" not in r.stderr
 
 

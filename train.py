@@ -207,8 +207,20 @@ def format_r2(r2):
 # ---------------------------------------------------------------------------------------------
 # Building and saving a run
 
+class UsageError(Exception):
+    """A command line that cannot be carried out; the message says why in one line."""
+
+
 def resolve_device(name):
-    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r} is not a device: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: this torch sees no CUDA GPU; use --device cpu")
+    return device
 
 
 def build(cfg, ds, device, seed):
@@ -318,6 +330,7 @@ def fit(cfg, ds, device, out, resume=None, log=print):
     sampler = BPRSampler(torch.from_numpy(ds.train).to(device), ds.n_items, gen)
     evaluator = make_evaluator(ds, device)
     state = {"epoch": 0, "best_score": -1.0, "bad_epochs": 0, "best_epoch": None, "best": None, "history": [],
+             "stopped": False,
              "unique_info_r2_init": ds.factors and unique_info(model, ds.factors)}
     if resume is not None:
         model.load_state_dict(resume["model"])
@@ -326,8 +339,9 @@ def fit(cfg, ds, device, out, resume=None, log=print):
         club_opt.load_state_dict(resume["club_opt"])
         gen.set_state(resume["generator"])
         state = resume["state"]
-        log(f"resuming after epoch {state['epoch']}")
-    for epoch in range(state["epoch"] + 1, cfg.train.epochs + 1):
+        log(f"resuming after epoch {state['epoch']}" + (" (that run had already stopped early)" if state["stopped"] else ""))
+    while not state["stopped"] and state["epoch"] < cfg.train.epochs:
+        epoch = state["epoch"] + 1
         timer = Timer(device, cfg.train.profile)
         t0 = time.perf_counter()
         terms = train_epoch(model, club, opt, club_opt, sampler, cfg, timer)
@@ -338,7 +352,7 @@ def fit(cfg, ds, device, out, resume=None, log=print):
         metrics = evaluate(model, evaluator)
         timer.lap("evaluate")
         t2 = time.perf_counter()
-        state["best_score"], state["bad_epochs"], improved, stop = early_stopping(
+        state["best_score"], state["bad_epochs"], improved, state["stopped"] = early_stopping(
             metrics["valid"]["recall@20"], state["best_score"], state["bad_epochs"], cfg.train.patience)
         if improved:
             state.update(best_epoch=epoch, best=metrics)
@@ -360,8 +374,6 @@ def fit(cfg, ds, device, out, resume=None, log=print):
             + (" *" if improved else ""))
         if cfg.train.profile:
             log("  profile: " + " ".join(f"{k} {v:.3f}s" for k, v in timer.total.items()))
-        if stop:
-            break
     hist = state["history"]
     results = {"best_epoch": state["best_epoch"], "valid": state["best"] and state["best"]["valid"],
                "test": state["best"] and state["best"]["test"], "epochs_run": state["epoch"],
@@ -384,7 +396,7 @@ def peak_memory_gib(device):
 
 def load_checkpoint(path):
     if not os.path.isfile(path):
-        raise data.DataError(f"checkpoint {path} not found (a run folder holds best.pt and last.pt)")
+        raise UsageError(f"checkpoint {path} not found (a run folder holds best.pt and last.pt)")
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
@@ -511,7 +523,7 @@ def write_topk_file(model, evaluator, path):
 
 def eval_only(cfg, log):
     if not cfg.train.ckpt:
-        raise data.DataError("--eval-only needs --ckpt PATH (a run folder's best.pt)")
+        raise UsageError("--eval-only needs --ckpt PATH (a run folder's best.pt)")
     ckpt = load_checkpoint(cfg.train.ckpt)
     saved = config_from_checkpoint(ckpt)
     device = resolve_device(cfg.train.device)
@@ -558,9 +570,13 @@ def main(argv=None):
     args = parser().parse_args(argv)
     try:
         run(config_from_args(args))
-    except data.DataError as e:
+    except (data.DataError, UsageError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("train.py: interrupted; every file written so far is complete (continue with --resume RUN/last.pt)",
+              file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":
