@@ -180,7 +180,7 @@ BUILTIN = {
     # Amazon Baby's shapes (19,445 users, 7,050 items, 160,792 interactions, 4096-d / 384-d)
     "synthetic-baby": SyntheticSpec(n_users=19650, n_items=7400, d_image=4096, d_text=384, mean_extra=3.3),
     # Amazon Clothing's shapes (39,387 users, 23,033 items, 278,677 interactions)
-    "synthetic-clothing": SyntheticSpec(n_users=47000, n_items=33500, d_image=4096, d_text=384,
+    "synthetic-clothing": SyntheticSpec(n_users=43000, n_items=28800, d_image=4096, d_text=384,
                                         mean_extra=2.4, pop_exponent=0.3),
 }
 

@@ -1,6 +1,6 @@
 """SAND: Separate Alignment aNd Distancing, for multimodal recommendation.
 
-Z. He et al., "Boosting Multimedia Recommendation via Separate Generic and Unique Awareness",
+"Boosting Multimedia Recommendation via Separate Generic and Unique Awareness",
 arXiv 2406.08270 (v2: "It is Never Too Late to Mend: Separate Learning for Multimedia
 Recommendation"). Each item's modality representation is split into a generic half and a unique
 half; the generic halves are aligned across modalities (SoloSimLoss) and each unique half is pushed
@@ -25,7 +25,8 @@ MODALITIES = ("image", "text")  # fusion order, as released: [image | text]
 CHUNK_ELEMENTS = 2 ** 24  # largest temporary [rows, n_items] block in SoloSimLoss (64 MiB in float32)
 
 
-def _opt(default, help, **kw):
+def option(default, help, **kw):
+    """A dataclass field with its command-line help (train.py makes a flag of every field)."""
     return field(default=default, metadata={"help": help, **kw})
 
 
@@ -33,25 +34,25 @@ def _opt(default, help, **kw):
 class SANDConfig:
     """SAND's hyper-parameters. Defaults reproduce the authors' released code; train.py turns every
     field into a command-line flag (--club-fit for club_fit, ...)."""
-    dist: str = _opt("mi", "distancing: mi (CLUB bound), l2 (negative L2) or none", choices=("mi", "l2", "none"))
-    align: str = _opt("solo", "alignment of the generic parts: solo (SoloSimLoss) or none", choices=("solo", "none"))
-    club_fit: str = _opt("cross", "pairs the CLUB estimator is fitted on: cross = (a_text->a_image, "
-                         "b_text->b_image) as released; intra = (a_m->b_m) as the paper describes",
-                         choices=("cross", "intra"))
-    alpha: float = _opt(0.012, "weight of SoloSimLoss")
-    ureg: float = _opt(0.006, "weight of the CLUB distancing term (--dist mi)")
-    w_l2: float = _opt(0.01, "weight of the negative-L2 distancing term (--dist l2)")
-    tau: float = _opt(0.2, "SoloSimLoss temperature")
-    club_steps: int = _opt(50, "estimator steps per training batch (--dist mi)")
-    embed_dim: int = _opt(64, "per-modality graph embedding size")
-    mlp_dim: int = _opt(256, "hidden size of the item feature MLP")
-    head_dim: int = _opt(64, "hidden size of the alignment projection head")
-    align_dim: int = _opt(32, "output size of the alignment projection head")
-    dist_dim: int = _opt(32, "size of the projected generic/unique parts used for distancing")
-    club_hidden: int = _opt(8, "hidden size of the CLUB estimator's mu and logvar networks")
-    n_layers: int = _opt(2, "LightGCN hops on the user-item graph")
-    knn_k: int = _opt(10, "neighbours per item in the item-item graph")
-    image_weight: float = _opt(0.1, "image share of the item-item graph (text gets the rest)")
+    dist: str = option("mi", "distancing: mi (CLUB bound), l2 (negative L2) or none", choices=("mi", "l2", "none"))
+    align: str = option("solo", "alignment of the generic parts: solo (SoloSimLoss) or none", choices=("solo", "none"))
+    club_fit: str = option("cross", "pairs the CLUB estimator is fitted on: cross = (a_text->a_image, "
+                           "b_text->b_image) as released; intra = (a_m->b_m) as the paper describes",
+                           choices=("cross", "intra"))
+    alpha: float = option(0.012, "weight of SoloSimLoss")
+    ureg: float = option(0.006, "weight of the CLUB distancing term (--dist mi)")
+    w_l2: float = option(0.01, "weight of the negative-L2 distancing term (--dist l2)")
+    tau: float = option(0.2, "SoloSimLoss temperature")
+    club_steps: int = option(50, "estimator steps per training batch (--dist mi)")
+    embed_dim: int = option(64, "per-modality graph embedding size")
+    mlp_dim: int = option(256, "hidden size of the item feature MLP")
+    head_dim: int = option(64, "hidden size of the alignment projection head")
+    align_dim: int = option(32, "output size of the alignment projection head")
+    dist_dim: int = option(32, "size of the projected generic/unique parts used for distancing")
+    club_hidden: int = option(8, "hidden size of the CLUB estimator's mu and logvar networks")
+    n_layers: int = option(2, "LightGCN hops on the user-item graph")
+    knn_k: int = option(10, "neighbours per item in the item-item graph")
+    image_weight: float = option(0.1, "image share of the item-item graph (text gets the rest)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,7 +289,7 @@ class SAND(nn.Module):
 
         Every consumer of X_m = f_m W^T + c is linear, so X_m [I, d] is never formed: stacked into
         one weight V [k, d] (k = 256 + 64 + 32 + 32), the consumers read X_m V^T + e = f_m (V W)^T + (V c + e),
-        which costs k d^2 + I d k multiply-adds instead of I d^2 + I d k (9x fewer for Baby's images).
+        which costs k d^2 + I d k multiply-adds instead of I d^2 + I d k (7x fewer for Baby's images).
         Exact up to float rounding (test_sand.py checks loss and gradients against the plain formula)."""
         W, c = self.transform[m].weight, self.transform[m].bias  # [d, d], [d]
         d, h = W.shape[0], W.shape[0] // 2  # g_m = X_m[:, :h], u_m = X_m[:, h:]

@@ -171,6 +171,12 @@ def test_sampler_covers_each_pair_once_and_never_yields_a_train_positive():
     assert len(set(neg)) > len(train_items) // 2  # spread over the train items, not a few
 
 
+def test_sampler_refuses_a_user_with_no_possible_negative():
+    train_p = torch.tensor([[0, 0], [0, 1], [0, 2], [1, 0], [2, 2]])  # user 0 has every train item
+    with pytest.raises(data.DataError, match="user 0 has a train interaction with every item"):
+        train.BPRSampler(train_p, 5, torch.Generator())
+
+
 # ---------------------------------------------------------------------------------------------
 # Metrics
 

@@ -16,44 +16,40 @@ import platform
 import resource
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 import data
-from sand import CLUB, MODALITIES, SAND, SANDConfig, fit_club, item_graph, lightgcn_adjacency
+from sand import CLUB, MODALITIES, SAND, SANDConfig, fit_club, item_graph, lightgcn_adjacency, option
 
 KS = (10, 20)  # Recall@K and NDCG@K
-
-
-def _opt(default, help, **kw):
-    return field(default=default, metadata={"help": help, **kw})
 
 
 @dataclass
 class TrainConfig:
     """Everything about a run that is not the model. Defaults follow MMRec and the released code."""
-    dataset: str = _opt("synthetic", "a built-in dataset (synthetic, synthetic-baby, synthetic-clothing) "
-                        "or a folder name under --data-dir in MMRec's format (baby, sports, clothing)")
-    data_dir: str = _opt("data", "folder holding <dataset>/ in MMRec's format")
-    data_seed: int = _opt(0, "seed of a built-in dataset's generator")
-    device: str = _opt("", "cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
-    seed: int = _opt(999, "seed of initialisation and sampling")
-    epochs: int = _opt(1000, "most training epochs")
-    patience: int = _opt(20, "stop once valid Recall@20 has not improved for more than this many epochs")
-    batch_size: int = _opt(2048, "BPR triples per training batch")
-    lr: float = _opt(1e-4, "Adam learning rate (model and CLUB estimator)")
-    out: str = _opt("", "run folder (default: runs/<dataset>-<dist>-seed<seed>)")
-    topk_out: str = _opt("", "write the top-20 items of every test user at the best epoch to this TSV")
-    eval_only: bool = _opt(False, "evaluate the checkpoint --ckpt on valid and test, no training")
-    ckpt: str = _opt("", "checkpoint for --eval-only")
-    resume: str = _opt("", "continue the run that wrote this checkpoint (last.pt), in its folder")
-    ablation: bool = _opt(False, "run the ablation grid (full SAND with mi and l2, cross and intra CLUB "
-                          "fitting, alignment only, distancing only, neither) and write ablation.csv/.md")
-    seeds: int = _opt(3, "seeds per variant in --ablation")
-    profile: bool = _opt(False, "print per-epoch seconds in sampling, forward, backward, estimator, "
-                         "optimizer and evaluation (synchronises the device)")
+    dataset: str = option("synthetic", "a built-in dataset (synthetic, synthetic-baby, synthetic-clothing) "
+                          "or a folder name under --data-dir in MMRec's format (baby, sports, clothing)")
+    data_dir: str = option("data", "folder holding <dataset>/ in MMRec's format")
+    data_seed: int = option(0, "seed of a built-in dataset's generator")
+    device: str = option("", "cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
+    seed: int = option(999, "seed of initialisation and sampling")
+    epochs: int = option(1000, "most training epochs")
+    patience: int = option(20, "stop once valid Recall@20 has not improved for more than this many epochs")
+    batch_size: int = option(2048, "BPR triples per training batch")
+    lr: float = option(1e-4, "Adam learning rate (model and CLUB estimator)")
+    out: str = option("", "run folder (default: runs/<dataset>-<dist>-seed<seed>)")
+    topk_out: str = option("", "write the top-20 items of every test user at the best epoch to this TSV")
+    eval_only: bool = option(False, "evaluate the checkpoint --ckpt on valid and test, no training")
+    ckpt: str = option("", "checkpoint for --eval-only")
+    resume: str = option("", "continue the run that wrote this checkpoint (last.pt), in its folder")
+    ablation: bool = option(False, "run the ablation grid (full SAND with mi and l2, cross and intra CLUB "
+                            "fitting, alignment only, distancing only, neither) and write ablation.csv/.md")
+    seeds: int = option(3, "seeds per variant in --ablation")
+    profile: bool = option(False, "print per-epoch seconds in sampling, forward, backward, estimator, "
+                           "optimizer and evaluation (synchronises the device)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -68,6 +64,11 @@ class BPRSampler:
         self.pairs, self.n_items, self.gen = train, n_items, generator  # [N, 2] on the device
         self.train_keys = torch.unique(train[:, 0] * n_items + train[:, 1])  # sorted
         self.candidates = torch.unique(train[:, 1])  # items in the train split
+        per_user = torch.bincount(self.train_keys // n_items)
+        if int(per_user.max()) == len(self.candidates):
+            user = int(per_user.argmax())
+            raise data.DataError(f"user {user} has a train interaction with every item of the train split, "
+                                 f"so no negative can be drawn for it; drop that user from the train split")
 
     def is_train(self, user, item):
         """[B] bool: is (user, item) a train interaction? (binary search in the sorted keys)"""
@@ -545,17 +546,16 @@ def eval_only(cfg, log):
 
 def parser():
     p = argparse.ArgumentParser(description="Train SAND (Separate Alignment aNd Distancing) and report "
-                                "MMRec's Recall@10/20 and NDCG@10/20 at the best valid epoch.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                "MMRec's Recall@10/20 and NDCG@10/20 at the best valid epoch.")
     for group, cls in (("training", TrainConfig), ("model (defaults: the authors' released code)", SANDConfig)):
         g = p.add_argument_group(group)
         for f in dataclasses.fields(cls):
             flag = "--" + f.name.replace("_", "-")
-            if f.type is bool or f.type == "bool":
+            if f.type is bool:
                 g.add_argument(flag, action="store_true", help=f.metadata["help"])
             else:
-                kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-                g.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"],
+                shown = f" (default: {f.default})" if f.default != "" else ""
+                g.add_argument(flag, type=f.type, default=f.default, help=f.metadata["help"] + shown,
                                choices=f.metadata.get("choices"))
     return p
 
