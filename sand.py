@@ -131,7 +131,7 @@ def bpr_loss(pos, neg):
 
 
 def solo_sim_loss(anchor, other, tau):
-    """SoloSimLoss (paper Eq. 10): InfoNCE in one direction over all N items, on L2-normalised
+    """SoloSimLoss (paper v1, Eq. 10): InfoNCE in one direction over all N items, on L2-normalised
     projections of the generic parts; the text view anchors, as released:
         L = -1/N sum_i log( exp(t_i . v_i / tau) / sum_j exp(t_i . v_j / tau) )
     anchor, other: [N, D], rows L2-normalised. In plain torch this is
@@ -170,14 +170,14 @@ class _InfoNCE(torch.autograd.Function):
 
 
 def neg_l2(a, b):
-    """Negative-L2 distancing (paper Eq. 14): -mean (a - b)^2. Minimising it pushes a and b apart;
+    """Negative-L2 distancing (paper v1, Eq. 14): -mean (a - b)^2. Minimising it pushes a and b apart;
     it is unbounded below, so keep its weight small (w_l2)."""
     return -F.mse_loss(a, b)
 
 
 class CLUB(nn.Module):
     """CLUB, a sampled upper bound of the mutual information I(x; y) (Cheng et al., ICML 2020),
-    SAND's distancing term (paper Eq. 11-13). A variational q(y|x) = N(mu(x), exp(logvar(x))):
+    SAND's distancing term (paper v1, Eq. 13). A variational q(y|x) = N(mu(x), exp(logvar(x))):
         bound = max(0, 1/(2N) sum_k [log q(y_k | x_k) - log q(y_pi(k) | x_k)]),  pi a permutation.
     The model minimises the bound; q is fitted separately by maximum likelihood (fit_club)."""
 
@@ -332,7 +332,7 @@ class SAND(nn.Module):
         return users, items, aux
 
     def loss(self, user, pos, neg, club, generator=None):
-        """Training loss for one BPR batch (paper Eq. 15):
+        """Training loss for one BPR batch, the paper's total objective as released:
             L = BPR + ureg * CLUB-or-w_l2 * negL2 (mean over modalities) + alpha * SoloSim.
         Returns (loss, {term: value}, pairs the CLUB estimator is fitted on or None).
         generator: draws the CLUB bound's random permutations."""

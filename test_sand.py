@@ -496,8 +496,9 @@ def test_fast_path_equals_plain_formulation(dist, align):
         assert (a is None) == (b is None), p[0]
         if a is not None:
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7, msg=p[0])
+    want_terms = {"bpr"} | ({"solo"} if align == "solo" else set()) | {"mi": {"club"}, "l2": {"neg_l2"}, "none": set()}[dist]
+    assert set(terms) == want_terms  # --dist none and --align none really remove their terms
     if dist == "none" and align == "none":  # only BPR is left
-        assert set(terms) == {"bpr"}
         torch.testing.assert_close(fast, terms["bpr"])
 
 
@@ -574,6 +575,18 @@ def test_early_stopping_follows_mmrec():
         if stop:
             break
     assert epoch == 5 and best == 0.12 and seen == [True, True, False, False, False]
+
+
+def test_cli_runs_an_mmrec_folder_as_users_write_it(tmp_path):
+    ds = tiny()
+    ds.name = "baby"  # data/baby/ in MMRec's format, under the working directory
+    data.write_mmrec(ds, str(tmp_path / "data"))
+    r = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--dataset", "baby", "--dist", "l2",
+                        "--epochs", "1"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    results = json.loads((tmp_path / "runs" / "baby-l2-seed999" / "results.json").read_text())
+    assert results["dataset"]["n_items"] == ds.n_items and results["best_epoch"] == 1
+    assert "unique_info_r2" not in results  # no planted factors in a folder dataset
 
 
 def test_cli_end_to_end_writes_all_files(tmp_path):
