@@ -317,6 +317,12 @@ def make_evaluator(ds, device):
     return Evaluator(torch.from_numpy(ds.train), splits, ds.n_items, device)
 
 
+def most_popular(ds, device):
+    """The baseline every model must beat: rank items by their train interaction count."""
+    counts = torch.bincount(torch.from_numpy(ds.train[:, 1]), minlength=ds.n_items).double().to(device)
+    return make_evaluator(ds, device)(torch.ones(ds.n_users, 1, dtype=torch.float64, device=device), counts[:, None])
+
+
 def evaluate(model, evaluator):
     model.eval()
     with torch.no_grad():
@@ -492,6 +498,8 @@ def ablation(cfg, ds, device, log):
             cells.append(f"{v.mean():.4f} ± {v.std(ddof=1) if len(v) > 1 else 0:.4f}")
         epochs = np.mean([r["best_epoch"] or 0 for r in mine])
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {epochs:.0f} |")
+    popular = most_popular(ds, device)["test"]
+    lines.append("| most popular (train counts, no training) | " + " | ".join(f"{popular[m]:.4f}" for m in METRICS) + " | |")
     table = "\n".join(lines) + "\n"
     data.atomic_write(os.path.join(out, "ablation.md"), table)
     log(table)
