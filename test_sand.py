@@ -111,11 +111,22 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, args, expect):
 
 def test_five_core_and_mmrec_split_rule():
     rng = np.random.default_rng(1)
-    user, item = rng.integers(0, 200, 3000), rng.integers(0, 120, 3000)
+    user, item = rng.integers(0, 600, 3000), rng.integers(0, 300, 3000)
     keep = data.five_core(user, item)
+    # the 5-core is unique: removing one under-5 user or item at a time must end at the same set
+    alive = np.ones(len(user), dtype=bool)
+    while True:
+        cu, ci = np.bincount(user[alive], minlength=600), np.bincount(item[alive], minlength=300)
+        weak_users = [x for x in np.unique(user[alive]) if cu[x] < 5]
+        weak_items = [x for x in np.unique(item[alive]) if ci[x] < 5]
+        if weak_users:
+            alive &= user != weak_users[0]
+        elif weak_items:
+            alive &= item != weak_items[0]
+        else:
+            break
+    assert np.array_equal(keep, alive) and 0 < keep.sum() < len(keep)  # it dropped some, kept some
     u, i = user[keep], item[keep]
-    assert np.bincount(u)[np.unique(u)].min() >= 5 and np.bincount(i)[np.unique(i)].min() >= 5
-    # the kept set is the largest stable one: every dropped row had a user or item that fell below 5
     label = data.mmrec_split(u, rng)
     for uid in np.unique(u):
         n = (u == uid).sum()
