@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 MODALITIES = ("image", "text")  # fusion order, as released: [image | text]
-CHUNK_ELEMENTS = 2 ** 24  # largest temporary [rows, n_items] block in SoloSimLoss (64 MiB in float32)
+CHUNK_ELEMENTS = 2 ** 24  # largest temporary [rows, n_items] block (kNN graph, SoloSimLoss)
 
 
 def option(default, help, **kw):
@@ -73,11 +73,12 @@ def lightgcn_adjacency(train, n_users, n_items):
     return adj.to_sparse_csr()
 
 
-def knn_graph(feat, k, chunk=2048):
+def knn_graph(feat, k, chunk=None):
     """S[i, j] = 1/k for the k items j with the highest cosine similarity of raw features to item i
     (i itself included; ties go to the lower index), as a sparse [I, I] matrix. Built in chunks of
     rows, so memory is O(chunk * I + I * k): no dense I x I matrix is ever formed."""
     x = F.normalize(feat, dim=1)  # [I, d]; an all-zero row stays zero (similarity 0 to all)
+    chunk = chunk or max(1, CHUNK_ELEMENTS // x.shape[0])
     rows, cols = [], []
     for lo in range(0, x.shape[0], chunk):
         sim = x[lo:lo + chunk] @ x.T  # [c, I]

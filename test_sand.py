@@ -619,10 +619,13 @@ def test_cli_end_to_end_writes_all_files(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--eval-only", "--ckpt", str(out / "best.pt")],
                        capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    evaluated = json.loads(r.stdout)
-    best = [row for row in (out / "metrics.csv").read_text().splitlines()][1:]
-    assert evaluated["test"]["recall@20"] == pytest.approx(results["test"]["recall@20"], abs=1e-12)
-    assert evaluated["valid"] == pytest.approx(results["valid"], abs=1e-12) and best
+    evaluated = json.loads(r.stdout)  # the best epoch's weights give the best epoch's metrics again
+    assert evaluated["epoch"] == results["best_epoch"]
+    assert evaluated["test"] == pytest.approx(results["test"], abs=1e-12)
+    assert evaluated["valid"] == pytest.approx(results["valid"], abs=1e-12)
+    r = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--resume", str(out / "best.pt")],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 2 and "resume from the run's last.pt" in r.stderr and r.stderr.count("\n") == 1
 
 
 @pytest.mark.parametrize("dist", ["mi", "l2", "none"])

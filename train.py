@@ -25,6 +25,7 @@ import data
 from sand import CLUB, MODALITIES, SAND, SANDConfig, fit_club, item_graph, lightgcn_adjacency, option
 
 KS = (10, 20)  # Recall@K and NDCG@K
+CHECKPOINT_SECONDS = 60  # last.pt and best.pt are rewritten at most this often, and at the end of a run
 
 
 @dataclass
@@ -336,10 +337,10 @@ def fit(cfg, ds, device, out, resume=None, log=print):
     gen = torch.Generator(device=device).manual_seed(cfg.train.seed)
     sampler = BPRSampler(torch.from_numpy(ds.train).to(device), ds.n_items, gen)
     evaluator = make_evaluator(ds, device)
-    state = {"epoch": 0, "best_score": -1.0, "bad_epochs": 0, "best_epoch": None, "best": None, "history": [],
-             "stopped": False,
-             "unique_info_r2_init": ds.factors and unique_info(model, ds.factors)}
-    if resume is not None:
+    if resume is None:
+        state = {"epoch": 0, "best_score": -1.0, "bad_epochs": 0, "best_epoch": None, "best": None,
+                 "history": [], "stopped": False, "unique_info_r2_init": ds.factors and unique_info(model, ds.factors)}
+    else:
         model.load_state_dict(resume["model"])
         club.load_state_dict(resume["club"])
         opt.load_state_dict(resume["opt"])
@@ -347,6 +348,17 @@ def fit(cfg, ds, device, out, resume=None, log=print):
         gen.set_state(resume["generator"])
         state = resume["state"]
         log(f"resuming after epoch {state['epoch']}" + (" (that run had already stopped early)" if state["stopped"] else ""))
+    best_weights, saved_at = None, time.perf_counter()
+
+    def save():  # last.pt: everything needed to resume; best.pt: the best epoch's weights
+        save_checkpoint(os.path.join(out, "last.pt"), {
+            "model": model.state_dict(), "club": club.state_dict(), "opt": opt.state_dict(),
+            "club_opt": club_opt.state_dict(), "generator": gen.get_state(), "state": state,
+            "epoch": state["epoch"], "config": dataclasses.asdict(cfg), "dataset": ds.summary()})
+        if best_weights is not None:
+            save_checkpoint(os.path.join(out, "best.pt"), {"model": best_weights, "epoch": state["best_epoch"],
+                                                           "config": dataclasses.asdict(cfg), "dataset": ds.summary()})
+
     while not state["stopped"] and state["epoch"] < cfg.train.epochs:
         epoch = state["epoch"] + 1
         timer = Timer(device, cfg.train.profile)
@@ -363,24 +375,23 @@ def fit(cfg, ds, device, out, resume=None, log=print):
             metrics["valid"]["recall@20"], state["best_score"], state["bad_epochs"], cfg.train.patience)
         if improved:
             state.update(best_epoch=epoch, best=metrics)
+            best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
         state["epoch"] = epoch
         row = {"epoch": epoch, **{k: round(v, 6) for k, v in terms.items()},
                **{f"{s}_{k}": round(v, 6) for s in metrics for k, v in metrics[s].items()},
                "train_s": round(t1 - t0, 3), "eval_s": round(t2 - t1, 3)}
         state["history"].append(row)
         write_metrics(os.path.join(out, "metrics.csv"), state["history"])
-        ckpt = {"model": model.state_dict(), "club": club.state_dict(), "opt": opt.state_dict(),
-                "club_opt": club_opt.state_dict(), "generator": gen.get_state(), "state": state,
-                "config": dataclasses.asdict(cfg), "dataset": ds.summary()}
-        save_checkpoint(os.path.join(out, "last.pt"), ckpt)
-        if improved:
-            save_checkpoint(os.path.join(out, "best.pt"), ckpt)
+        if time.perf_counter() - saved_at > CHECKPOINT_SECONDS:
+            save()
+            saved_at = time.perf_counter()
         loss_txt = " ".join(f"{k} {v:.4f}" for k, v in terms.items())
         log(f"epoch {epoch:4d} | {loss_txt} | valid R@20 {metrics['valid']['recall@20']:.4f} "
             f"test R@20 {metrics['test']['recall@20']:.4f} | train {t1 - t0:.2f}s eval {t2 - t1:.2f}s"
             + (" *" if improved else ""))
         if cfg.train.profile:
             log("  profile: " + " ".join(f"{k} {v:.3f}s" for k, v in timer.total.items()))
+    save()
     hist = state["history"]
     results = {"best_epoch": state["best_epoch"], "valid": state["best"] and state["best"]["valid"],
                "test": state["best"] and state["best"]["test"], "epochs_run": state["epoch"],
@@ -388,7 +399,7 @@ def fit(cfg, ds, device, out, resume=None, log=print):
                "eval_s_per_epoch": float(np.median([r["eval_s"] for r in hist])) if hist else None,
                "peak_memory_gib": peak_memory_gib(device), "dataset": ds.summary()}
     if state["best_epoch"] is not None:  # leave the model at its best epoch
-        model.load_state_dict(load_checkpoint(os.path.join(out, "best.pt"))["model"])
+        model.load_state_dict(best_weights or load_checkpoint(os.path.join(out, "best.pt"))["model"])
     if ds.factors is not None:  # a built-in dataset: what do the learned parts carry?
         results["unique_info_r2"] = {"init": state["unique_info_r2_init"], "best": unique_info(model, ds.factors)}
     return results, model, evaluator
@@ -427,6 +438,8 @@ def run(cfg, log=print):
     resume = None
     if t.resume:
         resume = load_checkpoint(t.resume)
+        if "opt" not in resume:
+            raise UsageError(f"{t.resume} holds only the best epoch's weights; resume from the run's last.pt")
         cfg = config_from_checkpoint(resume)
         cfg.train.resume = t.resume
         cfg.train.out = os.path.dirname(os.path.abspath(t.resume))
@@ -543,7 +556,7 @@ def eval_only(cfg, log):
     model.load_state_dict(ckpt["model"])
     evaluator = make_evaluator(ds, device)
     metrics = evaluate(model, evaluator)
-    log(json.dumps({"epoch": ckpt["state"]["epoch"], **metrics}, indent=2))
+    log(json.dumps({"epoch": ckpt["epoch"], **metrics}, indent=2))
     if cfg.train.topk_out:
         write_topk_file(model, evaluator, cfg.train.topk_out)
     return metrics
