@@ -100,25 +100,25 @@ def item_graph(image, text, k, image_weight):
     return s.coalesce().to_sparse_csr()
 
 
-class _SymmetricSpMM(torch.autograd.Function):
-    """A @ x for a constant symmetric sparse A: the gradient is A^T g = A g, one more product
+class _SparseMM(torch.autograd.Function):
+    """A @ x for a constant sparse A, with A^T given: the gradient is A^T g, one more sparse product
     (torch's generic sparse backward transposes A on every call, several times slower)."""
 
     @staticmethod
-    def forward(ctx, adj, x):
-        ctx.adj = adj
-        return adj @ x
+    def forward(ctx, a, a_t, x):
+        ctx.a_t = a_t
+        return a @ x
 
     @staticmethod
     def backward(ctx, grad):
-        return None, ctx.adj @ grad
+        return None, None, ctx.a_t @ grad
 
 
 def lightgcn(adj, h0, n_layers):
     """LightGCN propagation, layers summed as released: H0 + A H0 + A^2 H0 + ... [N, D]."""
     out, h = h0, h0
     for _ in range(n_layers):
-        h = _SymmetricSpMM.apply(adj, h)  # [N, D]
+        h = _SparseMM.apply(adj, adj, h)  # [N, D]; A is symmetric: A^T = A
         out = out + h
     return out
 
@@ -269,6 +269,7 @@ class SAND(nn.Module):
             self.register_buffer(f"feat_{m}", features[m], persistent=False)
         self.register_buffer("adj", adjacency, persistent=False)  # sparse CSR [U+I, U+I]
         self.register_buffer("item_item", item_item, persistent=False)  # sparse CSR [I, I]
+        self.register_buffer("item_item_t", item_item.t().to_sparse_csr(), persistent=False)  # its transpose
         self.transform, self.mlp_in, self.mlp_out = nn.ModuleDict(), nn.ModuleDict(), nn.ModuleDict()
         self.head, self.to_a, self.to_b = nn.ModuleDict(), nn.ModuleDict(), nn.ModuleDict()
         self.pref = nn.ParameterDict()
@@ -329,7 +330,7 @@ class SAND(nn.Module):
         d = self.cfg.embed_dim
         users = r[:self.n_users] * self.user_weight.repeat_interleave(d, dim=1)  # [U, 128]
         items = r[self.n_users:]  # [I, 128]
-        items = items + self.item_item @ items  # [I, 128]; S is constant: no gradient flows into it
+        items = items + _SparseMM.apply(self.item_item, self.item_item_t, items)  # [I, 128]; S is constant
         return users, items, aux
 
     def loss(self, user, pos, neg, club, generator=None):
