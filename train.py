@@ -324,11 +324,16 @@ def most_popular(ds, device):
     return make_evaluator(ds, device)(torch.ones(ds.n_users, 1, dtype=torch.float64, device=device), counts[:, None])
 
 
-def evaluate(model, evaluator):
+def embeddings(model):
+    """-> users [U, D], items [I, D], recomputed in eval mode (not left over from the last batch)."""
     model.eval()
     with torch.no_grad():
-        users, items, _ = model(parts=False)  # recomputed in eval mode, not left over from training
-    return evaluator(users, items)
+        users, items, _ = model(parts=False)
+    return users, items
+
+
+def evaluate(model, evaluator):
+    return evaluator(*embeddings(model))
 
 
 def fit(cfg, ds, device, out, resume=None, log=print):
@@ -534,11 +539,8 @@ def read_finished(folder, cfg):
 
 def write_topk_file(model, evaluator, path):
     """The top-20 items of every test user: a TSV line each, user id then items, best first."""
-    model.eval()
-    with torch.no_grad():
-        users, items, _ = model(parts=False)
     rows = evaluator.splits["test"][1]
-    top = evaluator.topk(users, items)[rows]
+    top = evaluator.topk(*embeddings(model))[rows]
     lines = ["\t".join(map(str, [u] + row)) for u, row in zip(evaluator.users[rows].tolist(), top.tolist())]
     data.atomic_write(path, "\n".join(lines) + "\n")
 
