@@ -328,7 +328,7 @@ class SAND(nn.Module):
         # both modalities in one sparse product: A [H_image | H_text] = [A H_image | A H_text]
         r = lightgcn(self.adj, torch.cat(h0, dim=1), self.cfg.n_layers)  # [U+I, 128]
         d = self.cfg.embed_dim
-        users = r[:self.n_users] * self.user_weight.repeat_interleave(d, dim=1)  # [U, 128]
+        users = (r[:self.n_users].view(-1, len(MODALITIES), d) * self.user_weight[:, :, None]).flatten(1)  # [U, 128]
         items = r[self.n_users:]  # [I, 128]
         items = items + _SparseMM.apply(self.item_item, self.item_item_t, items)  # [I, 128]; S is constant
         return users, items, aux
@@ -340,8 +340,9 @@ class SAND(nn.Module):
         generator: draws the CLUB bound's random permutations."""
         cfg = self.cfg
         users, items, aux = self(parts=True)
-        u = users[user]  # [B, 128]
-        terms = {"bpr": bpr_loss((u * items[pos]).sum(1), (u * items[neg]).sum(1))}
+        # rows by F.embedding, not users[user]: a gather's backward adds with atomics on CPU (not repeatable)
+        u, i, j = F.embedding(user, users), F.embedding(pos, items), F.embedding(neg, items)  # [B, 128] each
+        terms = {"bpr": bpr_loss((u * i).sum(1), (u * j).sum(1))}
         pairs = None
         t, v = aux["text"], aux["image"]
         if cfg.align == "solo":
