@@ -335,7 +335,7 @@ class SAND(nn.Module):
 
     def loss(self, user, pos, neg, club, generator=None):
         """Training loss for one BPR batch, the paper's total objective as released:
-            L = BPR + ureg * CLUB-or-w_l2 * negL2 (mean over modalities) + alpha * SoloSim.
+            L = BPR + alpha * SoloSim + (ureg * CLUB  or  w_l2 * negL2), distancing averaged over modalities.
         Returns (loss, {term: value}, pairs the CLUB estimator is fitted on or None).
         generator: draws the CLUB bound's random permutations."""
         cfg = self.cfg
