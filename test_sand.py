@@ -220,15 +220,15 @@ def random_split(n_users, n_items, seed):
     return pairs[label == 0], pairs[label == 2]
 
 
-@pytest.mark.parametrize("max_scores", [2 ** 25, 200])  # one chunk, and many small chunks
-def test_metrics_match_per_user_loop(max_scores):
+@pytest.mark.parametrize("chunk", [1000, 2])  # one chunk, and many small chunks
+def test_metrics_match_per_user_loop(chunk):
     n_users, n_items = 60, 90
     train_p, test_p = random_split(n_users, n_items, 3)
     gen = torch.Generator().manual_seed(0)
     users, items = torch.randn(n_users, 8, generator=gen), torch.randn(n_items, 8, generator=gen)
     valid_p = test_p[::3]  # another split over a subset of the users
     ev = train.Evaluator(torch.from_numpy(train_p), {"valid": torch.from_numpy(valid_p), "test": torch.from_numpy(test_p)},
-                         n_items, torch.device("cpu"), max_scores)
+                         n_items, torch.device("cpu"), chunk)
     got = ev(users, items)
     for split, pairs in (("valid", valid_p), ("test", test_p)):
         want = slow_metrics(users @ items.T, train_p.tolist(), pairs.tolist())
@@ -370,7 +370,7 @@ def test_solo_sim_loss_matches_loop_and_behaves():
 
 @pytest.mark.parametrize("chunk_elements", [2 ** 24, 7 * 50])  # one block; blocks of 7 rows (last one partial)
 def test_solo_sim_loss_gradient_matches_autograd(monkeypatch, chunk_elements):
-    monkeypatch.setattr(sand, "CHUNK_ELEMENTS", chunk_elements)
+    monkeypatch.setitem(sand.CHUNK_ELEMENTS, "cpu", chunk_elements)
     gen = torch.Generator().manual_seed(2)
     t = F.normalize(torch.randn(50, 6, generator=gen, dtype=torch.float64), dim=1).requires_grad_()
     v = F.normalize(torch.randn(50, 6, generator=gen, dtype=torch.float64), dim=1).requires_grad_()
@@ -382,6 +382,23 @@ def test_solo_sim_loss_gradient_matches_autograd(monkeypatch, chunk_elements):
     g_got = torch.autograd.grad(3 * got, (t, v))
     for a, b in zip(g_got, g_want):
         torch.testing.assert_close(a, b)
+
+
+def test_solo_sim_loss_one_input_or_no_gradient():
+    gen = torch.Generator().manual_seed(3)
+    t = F.normalize(torch.randn(30, 5, generator=gen, dtype=torch.float64), dim=1)
+    v = F.normalize(torch.randn(30, 5, generator=gen, dtype=torch.float64), dim=1)
+    logits = t @ v.T / 0.5
+    want = (torch.logsumexp(logits, 1) - logits.diagonal()).mean()
+    with torch.no_grad():  # the loss alone, no gradient work
+        torch.testing.assert_close(solo_sim_loss(t.clone().requires_grad_(), v, 0.5), want)
+    torch.testing.assert_close(solo_sim_loss(t, v, 0.5), want)
+    v_leaf = v.clone().requires_grad_()  # only the second input is learned
+    got = torch.autograd.grad(solo_sim_loss(t, v_leaf, 0.5), v_leaf)[0]
+    v_ref = v.clone().requires_grad_()
+    ref_logits = t @ v_ref.T / 0.5
+    want_grad = torch.autograd.grad((torch.logsumexp(ref_logits, 1) - ref_logits.diagonal()).mean(), v_ref)[0]
+    torch.testing.assert_close(got, want_grad)
 
 
 def test_fit_club_equals_autograd_steps():

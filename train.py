@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 import data
-from sand import CLUB, MODALITIES, SAND, SANDConfig, fit_club, item_graph, lightgcn_adjacency, option
+from sand import CLUB, MODALITIES, SAND, SANDConfig, chunk_rows, fit_club, item_graph, lightgcn_adjacency, option
 
 KS = (10, 20)  # Recall@K and NDCG@K
 CHECKPOINT_SECONDS = 60  # last.pt and best.pt are rewritten at most this often, and at the end of a run
@@ -108,7 +108,7 @@ class Evaluator:
     user serves valid and test. The masks are indexed once here, so evaluating is a few large tensor
     ops per chunk of users and one host sync. A pair repeated within a split counts once."""
 
-    def __init__(self, train, splits, n_items, device, max_scores=2 ** 25):
+    def __init__(self, train, splits, n_items, device, chunk=None):
         key = lambda pairs: torch.unique(pairs[:, 0] * n_items + pairs[:, 1])  # sorted
         train, keys = key(train), {name: key(pairs) for name, pairs in splits.items()}
         self.n_items = n_items
@@ -119,7 +119,7 @@ class Evaluator:
             rows = torch.searchsorted(self.users, users)  # their rows among self.users
             self.splits[name] = (k.to(device), rows.to(device), n_u.to(device).double())
         train_user = train // n_items
-        chunk = max(1, max_scores // n_items)  # users per score matrix of at most max_scores floats
+        chunk = chunk or chunk_rows(n_items, device)  # users per [chunk, I] score matrix
         self.chunks = []
         for lo in range(0, len(self.users), chunk):
             users = self.users[lo:lo + chunk]
