@@ -228,22 +228,22 @@ def fit_club(club, optimizer, x, y, steps):
     (w1, b1), (w2, b2) = [(lin.weight, lin.bias) for lin in (club.mu[0], club.mu[2])]
     (w3, b3), (w4, b4) = [(lin.weight, lin.bias) for lin in (club.logvar[0], club.logvar[2])]
     n, hid = x.shape[0], w1.shape[0]
+    one, half = x.new_ones(()), x.new_full((), 0.5)
     for _ in range(steps):
         with torch.no_grad():
             h = torch.addmm(torch.cat([b1, b3]), x, torch.cat([w1, w3]).T).relu_()  # [N, 2 hid]: both first layers
             h_mu, h_lv = h[:, :hid], h[:, hid:]
-            mu = torch.addmm(b2, h_mu, w2.T)  # [N, D]
+            r = torch.addmm(b2, h_mu, w2.T).sub_(y)  # [N, D]: mu - y
             logvar = torch.addmm(b4, h_lv, w4.T).tanh_()  # [N, D]
-            r = mu - y
-            e = logvar.neg().exp_()
-            re = r * e  # = N dnll/dmu
-            g_lv = (1 - r * re) * (1 - logvar * logvar) / 2  # = N dnll/d(pre-tanh)
-            g_h = torch.cat([re @ w2, g_lv @ w4], dim=1) * (h > 0)  # [N, 2 hid]
-            g_w13 = g_h.T @ x / n  # [2 hid, D]
-            grads = (g_w13[:hid], g_h[:, :hid].sum(0) / n, re.T @ h_mu / n, re.sum(0) / n,
-                     g_w13[hid:], g_h[:, hid:].sum(0) / n, g_lv.T @ h_lv / n, g_lv.sum(0) / n)
+            re = logvar.neg().exp_().mul_(r)  # [N, D]: r e = N dnll/dmu
+            g_lv = torch.addcmul(one, r, re, value=-1).mul_(torch.addcmul(half, logvar, logvar, value=-0.5))  # = N dnll/d(pre-tanh)
+            g_h = torch.cat([re @ w2, g_lv @ w4], dim=1).mul_(h > 0)  # [N, 2 hid]
+            g_w13 = (x.T @ g_h).T / n  # [2 hid, D]
+            # (h^T g)^T rather than g^T h: the same sums, several times faster on CPU for these thin shapes
+            grads = (g_w13[:hid], g_h[:, :hid].sum(0) / n, (h_mu.T @ re).T / n, re.sum(0) / n,
+                     g_w13[hid:], g_h[:, hid:].sum(0) / n, (h_lv.T @ g_lv).T / n, g_lv.sum(0) / n)
         for p, g in zip((w1, b1, w2, b2, w3, b3, w4, b4), grads):
-            p.grad = g
+            p.grad = g.contiguous()  # the parameter's layout, as autograd gives it
         optimizer.step()
     return ((r * re + logvar).sum(1) / 2).mean()  # the last step's nll (before its update)
 
