@@ -235,8 +235,8 @@ def build(cfg, ds, device, seed):
                        cfg.sand.image_weight)
     model = SAND(cfg.sand, ds.n_users, features, adjacency, graph).to(device)
     club = CLUB(cfg.sand.dist_dim, cfg.sand.club_hidden).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, foreach=True)
-    club_opt = torch.optim.Adam(club.parameters(), lr=cfg.train.lr, foreach=True)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, fused=True)
+    club_opt = torch.optim.Adam(club.parameters(), lr=cfg.train.lr, fused=True)
     return model, club, opt, club_opt
 
 
