@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 MODALITIES = ("image", "text")  # fusion order, as released: [image | text]
-# Largest temporary [rows, n_items] block (kNN graph, SoloSimLoss, evaluation scores) in float32
+# Largest temporary [rows, n_items] block of SoloSimLoss and of evaluation scores, in float32
 # elements, per device type. CPU: 4 MiB; blocks of 64 MiB made SoloSimLoss 1.5x to 1.7x slower at
 # Baby's and Clothing's sizes, blocks of 2 MiB or less were slower too. GPU: 64 MiB, so that a
 # product is a few large kernels rather than dozens of small ones.
@@ -87,20 +87,20 @@ def knn_graph(feat, k, chunk=None):
     (i itself included; ties go to the lower index), as a sparse [I, I] matrix. Built in chunks of
     rows, so memory is O(chunk * I + I * k): no dense I x I matrix is ever formed."""
     x = F.normalize(feat, dim=1)  # [I, d]; an all-zero row stays zero (similarity 0 to all)
-    chunk = chunk or chunk_rows(x.shape[0], x.device)
-    rows, cols = [], []
-    for lo in range(0, x.shape[0], chunk):
+    n = x.shape[0]
+    chunk = chunk or max(1, 2 ** 24 // n)  # 64 MiB of similarities: each block reads all of x, so few and large
+    cols = torch.empty(n, k, dtype=torch.long, device=x.device)  # [I, k] the kept items of each row
+    for lo in range(0, n, chunk):
         sim = x[lo:lo + chunk] @ x.T  # [c, I]
         kth = sim.topk(k, dim=1).values[:, -1:]  # [c, 1] the k-th largest similarity
         above, tied = sim > kth, sim == kth  # [c, I]
         room = k - above.sum(1, keepdim=True)  # [c, 1] places left for tied items
         keep = above | (tied & (tied.cumsum(1) <= room))  # [c, I], exactly k per row
-        r, c = keep.nonzero(as_tuple=True)
-        rows.append(r + lo)
-        cols.append(c)
-    rows, cols = torch.cat(rows), torch.cat(cols)
+        cols[lo:lo + chunk] = keep.nonzero()[:, 1].view(-1, k)  # row by row, in column order
+    rows = torch.arange(n, device=x.device).repeat_interleave(k)  # [I k]
+    cols = cols.flatten()  # [I k]
     values = torch.full(rows.shape, 1.0 / k, dtype=feat.dtype, device=feat.device)
-    return torch.sparse_coo_tensor(torch.stack([rows, cols]), values, (x.shape[0],) * 2, check_invariants=False).coalesce()
+    return torch.sparse_coo_tensor(torch.stack([rows, cols]), values, (n, n), check_invariants=False).coalesce()
 
 
 def item_graph(image, text, k, image_weight):
@@ -236,10 +236,11 @@ def fit_club(club, optimizer, x, y, steps):
             r = torch.addmm(b2, h_mu, w2.T).sub_(y)  # [N, D]: mu - y
             logvar = torch.addmm(b4, h_lv, w4.T).tanh_()  # [N, D]
             re = logvar.neg().exp_().mul_(r)  # [N, D]: r e = N dnll/dmu
-            g_lv = torch.addcmul(one, r, re, value=-1).mul_(torch.addcmul(half, logvar, logvar, value=-0.5))  # = N dnll/d(pre-tanh)
+            g_lv = torch.addcmul(one, r, re, value=-1)  # [N, D]: 1 - r^2 e
+            g_lv.mul_(torch.addcmul(half, logvar, logvar, value=-0.5))  # times (1 - logvar^2) / 2: N dnll/d(pre-tanh)
             g_h = torch.cat([re @ w2, g_lv @ w4], dim=1).mul_(h > 0)  # [N, 2 hid]
+            # weight gradients as (b^T a)^T rather than a^T b: the same sums, several times faster on CPU here
             g_w13 = (x.T @ g_h).T / n  # [2 hid, D]
-            # (h^T g)^T rather than g^T h: the same sums, several times faster on CPU for these thin shapes
             grads = (g_w13[:hid], g_h[:, :hid].sum(0) / n, (h_mu.T @ re).T / n, re.sum(0) / n,
                      g_w13[hid:], g_h[:, hid:].sum(0) / n, (h_lv.T @ g_lv).T / n, g_lv.sum(0) / n)
         for p, g in zip((w1, b1, w2, b2, w3, b3, w4, b4), grads):
