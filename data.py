@@ -231,8 +231,11 @@ def make_synthetic(name="synthetic", seed=0, spec=None):
     def features(mod, d):
         z = np.concatenate([fac["generic"], fac[mod]], axis=1)  # [I, kg + ku]
         proj = rng.standard_normal((z.shape[1], d)).astype(np.float32) / np.sqrt(z.shape[1])
-        x = z @ proj  # [I, d], unit variance per column
-        return (x + spec.noise * rng.standard_normal(x.shape)).astype(np.float32)
+        x = np.empty((I, d), dtype=np.float32)
+        for lo in range(0, I, 4096):  # by rows (the same numbers and draws as all at once), in less memory
+            rows = z[lo:lo + 4096] @ proj  # [b, d] float64, unit variance per column
+            x[lo:lo + 4096] = rows + spec.noise * rng.standard_normal(rows.shape)
+        return x
 
     image, text = features("image", spec.d_image), features("text", spec.d_text)
 
@@ -244,11 +247,11 @@ def make_synthetic(name="synthetic", seed=0, spec=None):
     user_f = torch.from_numpy(np.concatenate([taste[m] for m in fac], axis=1))  # [U, kg + 2 ku]
     scale = spec.strength / np.sqrt(item_f.shape[1])
     users, items = [], []
-    for lo in range(0, U, 4096):
-        logits = scale * user_f[lo:lo + 4096] @ item_f.T + torch.from_numpy(pop)  # [b, I]
+    for lo in range(0, U, 1024):
+        logits = scale * user_f[lo:lo + 1024] @ item_f.T + torch.from_numpy(pop)  # [b, I]
         gumbel = -torch.log(-torch.log(torch.rand(logits.shape, generator=gen).clamp_min(1e-12)))
-        top = torch.topk(logits + gumbel, int(n_u[lo:lo + 4096].max()), dim=1).indices.numpy()
-        take = np.arange(top.shape[1]) < n_u[lo:lo + 4096, None]  # [b, max n_u]: first n_u per row
+        top = torch.topk(logits + gumbel, int(n_u[lo:lo + 1024].max()), dim=1).indices.numpy()
+        take = np.arange(top.shape[1]) < n_u[lo:lo + 1024, None]  # [b, max n_u]: first n_u per row
         users.append(np.nonzero(take)[0] + lo)
         items.append(top[take])
     user, item = np.concatenate(users), np.concatenate(items)
