@@ -35,7 +35,8 @@ def chunk_rows(n, device):
 
 
 def option(default, help, **kw):
-    """A dataclass field with its command-line help (train.py makes a flag of every field)."""
+    """A dataclass field with its command-line help (train.py makes a flag of every field) and, for
+    numbers, its range: min / max (inclusive) or above (exclusive), which train.py checks."""
     return field(default=default, metadata={"help": help, **kw})
 
 
@@ -48,20 +49,20 @@ class SANDConfig:
     club_fit: str = option("cross", "pairs the CLUB estimator is fitted on: cross = (a_text->a_image, "
                            "b_text->b_image) as released; intra = (a_m->b_m) as the paper describes",
                            choices=("cross", "intra"))
-    alpha: float = option(0.012, "weight of SoloSimLoss")
-    ureg: float = option(0.006, "weight of the CLUB distancing term (--dist mi)")
-    w_l2: float = option(0.01, "weight of the negative-L2 distancing term (--dist l2)")
-    tau: float = option(0.2, "SoloSimLoss temperature")
-    club_steps: int = option(50, "estimator steps per training batch (--dist mi)")
-    embed_dim: int = option(64, "per-modality graph embedding size")
-    mlp_dim: int = option(256, "hidden size of the item feature MLP")
-    head_dim: int = option(64, "hidden size of the alignment projection head")
-    align_dim: int = option(32, "output size of the alignment projection head")
-    dist_dim: int = option(32, "size of the projected generic/unique parts used for distancing")
-    club_hidden: int = option(8, "hidden size of the CLUB estimator's mu and logvar networks")
-    n_layers: int = option(2, "LightGCN hops on the user-item graph")
-    knn_k: int = option(10, "neighbours per item in the item-item graph")
-    image_weight: float = option(0.1, "image share of the item-item graph (text gets the rest)")
+    alpha: float = option(0.012, "weight of SoloSimLoss", min=0)
+    ureg: float = option(0.006, "weight of the CLUB distancing term (--dist mi)", min=0)
+    w_l2: float = option(0.01, "weight of the negative-L2 distancing term (--dist l2)", min=0)
+    tau: float = option(0.2, "SoloSimLoss temperature", above=0)
+    club_steps: int = option(50, "estimator steps per training batch (--dist mi)", min=0)
+    embed_dim: int = option(64, "per-modality graph embedding size", min=1)
+    mlp_dim: int = option(256, "hidden size of the item feature MLP", min=1)
+    head_dim: int = option(64, "hidden size of the alignment projection head", min=1)
+    align_dim: int = option(32, "output size of the alignment projection head", min=1)
+    dist_dim: int = option(32, "size of the projected generic/unique parts used for distancing", min=1)
+    club_hidden: int = option(8, "hidden size of the CLUB estimator's mu and logvar networks", min=1)
+    n_layers: int = option(2, "LightGCN hops on the user-item graph", min=0)
+    knn_k: int = option(10, "neighbours per item in the item-item graph", min=1)
+    image_weight: float = option(0.1, "image share of the item-item graph (text gets the rest)", min=0, max=1)
 
 
 # ---------------------------------------------------------------------------------------------

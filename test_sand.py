@@ -3,6 +3,7 @@ import csv
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -99,6 +100,8 @@ def test_missing_dataset_names_files_and_sources(tmp_path):
     (["--device", "gpu0"], "--device 'gpu0' is not a device"),
     (["--eval-only"], "--eval-only needs --ckpt"),
     (["--resume", "{tmp}/last.pt"], "checkpoint {tmp}/last.pt not found"),
+    (["--knn-k", "0"], "--knn-k must be at least 1 (got 0)"),
+    (["--knn-k", "5000"], "--knn-k 5000 is more than the 1144 items of synthetic"),
 ])
 def test_cli_bad_input_is_one_line_exit_2(tmp_path, args, expect):
     args = [a.format(tmp=tmp_path) for a in args]
@@ -107,6 +110,22 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, args, expect):
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("train.py: error: " + expect.format(tmp=tmp_path))
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("flag, value, expect", [
+    ("tau", 0.0, "--tau must be above 0 (got 0.0)"),
+    ("image_weight", 1.5, "--image-weight must be at most 1 (got 1.5)"),
+    ("lr", float("nan"), "--lr must be a finite number (got nan)"),
+    ("batch_size", 0, "--batch-size must be at least 1 (got 0)"),
+    ("club_steps", -1, "--club-steps must be at least 0 (got -1)"),
+])
+def test_out_of_range_settings_are_refused(flag, value, expect):
+    cfg = train.RunConfig(SANDConfig(), train.TrainConfig())
+    train.check(cfg)  # the defaults pass
+    part = cfg.sand if hasattr(cfg.sand, flag) else cfg.train
+    setattr(part, flag, value)
+    with pytest.raises(train.UsageError, match=re.escape(expect)):
+        train.check(cfg)
 
 
 def test_five_core_and_mmrec_split_rule():

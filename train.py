@@ -37,10 +37,10 @@ class TrainConfig:
     data_seed: int = option(0, "seed of a built-in dataset's generator")
     device: str = option("", "cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
     seed: int = option(999, "seed of initialisation and sampling")
-    epochs: int = option(1000, "most training epochs")
-    patience: int = option(20, "stop once valid Recall@20 has not improved for more than this many epochs")
-    batch_size: int = option(2048, "BPR triples per training batch")
-    lr: float = option(1e-4, "Adam learning rate (model and CLUB estimator)")
+    epochs: int = option(1000, "most training epochs", min=1)
+    patience: int = option(20, "stop once valid Recall@20 has not improved for more than this many epochs", min=0)
+    batch_size: int = option(2048, "BPR triples per training batch", min=1)
+    lr: float = option(1e-4, "Adam learning rate (model and CLUB estimator)", above=0)
     out: str = option("", "run folder (default: runs/<dataset>-<dist>-seed<seed>)")
     topk_out: str = option("", "write the top-20 items of every test user at the best epoch to this TSV")
     eval_only: bool = option(False, "evaluate the checkpoint --ckpt on valid and test, no training")
@@ -48,7 +48,7 @@ class TrainConfig:
     resume: str = option("", "continue the run that wrote this checkpoint (last.pt), in its folder")
     ablation: bool = option(False, "run the ablation grid (full SAND with mi and l2, cross and intra CLUB "
                             "fitting, alignment only, distancing only, neither) and write ablation.csv/.md")
-    seeds: int = option(3, "seeds per variant in --ablation")
+    seeds: int = option(3, "seeds per variant in --ablation", min=1)
     profile: bool = option(False, "print per-epoch seconds in sampling, forward, backward, estimator, "
                            "optimizer and evaluation (synchronises the device)")
 
@@ -227,6 +227,8 @@ def resolve_device(name):
 
 def build(cfg, ds, device, seed):
     """Model, CLUB estimator and their optimizers, initialised from `seed`."""
+    if cfg.sand.knn_k > ds.n_items:
+        raise UsageError(f"--knn-k {cfg.sand.knn_k} is more than the {ds.n_items} items of {ds.name}")
     torch.manual_seed(seed)
     train = torch.from_numpy(ds.train)
     features = {"image": torch.from_numpy(ds.image), "text": torch.from_numpy(ds.text)}
@@ -437,6 +439,7 @@ def environment(device):
 
 def run(cfg, log=print):
     """The command line's work, given a resolved configuration."""
+    check(cfg)
     t = cfg.train
     if t.eval_only:
         return eval_only(cfg, log)
@@ -581,6 +584,21 @@ def parser():
                 g.add_argument(flag, type=f.type, default=f.default, help=f.metadata["help"] + shown,
                                choices=f.metadata.get("choices"))
     return p
+
+
+def check(cfg):
+    """Every number of the configuration finite and within its option's range, else a UsageError."""
+    for part in (cfg.sand, cfg.train):
+        for f in dataclasses.fields(part):
+            v, m, flag = getattr(part, f.name), f.metadata, "--" + f.name.replace("_", "-")
+            if f.type is float and not math.isfinite(v):
+                raise UsageError(f"{flag} must be a finite number (got {v})")
+            if "min" in m and not v >= m["min"]:
+                raise UsageError(f"{flag} must be at least {m['min']} (got {v})")
+            if "above" in m and not v > m["above"]:
+                raise UsageError(f"{flag} must be above {m['above']} (got {v})")
+            if "max" in m and not v <= m["max"]:
+                raise UsageError(f"{flag} must be at most {m['max']} (got {v})")
 
 
 def config_from_args(args):
