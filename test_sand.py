@@ -627,6 +627,66 @@ def test_resume_continues_exactly(tmp_path):
     assert len(rows) == 5 and [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3", "4"]
 
 
+def tiny_folder(tmp_path):
+    """The tiny dataset written as an MMRec folder: tmp_path/data/tiny/."""
+    ds = tiny()
+    ds.name = "tiny"
+    data.write_mmrec(ds, str(tmp_path / "data"))
+    return str(tmp_path / "data")
+
+
+TIMING = ("train_s_per_epoch", "eval_s_per_epoch", "peak_memory_gib")
+
+
+@pytest.mark.parametrize("common, part, more", [
+    ({}, {"epochs": 2}, {"epochs": 4}),  # a run extended by --epochs
+    # lr 1e-9 keeps valid Recall@20 the same, so that with --patience 0 the run stops after epoch 2
+    ({"lr": 1e-9}, {"patience": 0}, {"patience": 2}),  # a run that stopped early, extended by --patience
+])
+def test_resume_on_the_command_line_extends_a_run_exactly(tmp_path, common, part, more):
+    base = dict(dataset="tiny", data_dir=tiny_folder(tmp_path), batch_size=512, club_steps=5, epochs=4, **common)
+    quiet = lambda *_: None
+    whole = train.run(run_cfg(**{**base, **more, "out": str(tmp_path / "whole")}), log=quiet)
+    first = train.run(run_cfg(**{**base, **part, "out": str(tmp_path / "part")}), log=quiet)
+    assert first["epochs_run"] == 2 and whole["epochs_run"] == 4
+    lines = []
+    resumed = train.run(run_cfg(resume=str(tmp_path / "part" / "last.pt"), **more), log=lines.append)
+    assert f"resuming after epoch 2 (--epochs 4, --patience {more.get('patience', 20)})" in lines
+    assert {k: v for k, v in resumed.items() if k not in TIMING} == {k: v for k, v in whole.items() if k not in TIMING}
+    saved = json.loads((tmp_path / "part" / "config.json").read_text())  # the resumed run's configuration
+    assert {k: saved["train"][k] for k in more} == more and saved["train"]["batch_size"] == 512
+
+
+def test_resume_and_eval_only_refuse_a_changed_setting(tmp_path):
+    out = tmp_path / "run"
+    train.run(run_cfg(dataset="tiny", data_dir=tiny_folder(tmp_path), batch_size=512, club_steps=2, epochs=1,
+                      out=str(out)), log=lambda *_: None)
+    last, best = str(out / "last.pt"), str(out / "best.pt")
+    with pytest.raises(train.UsageError, match=re.escape(f"--lr 0.5 differs from the run in {last} (0.0001); "
+                                                         "--resume keeps that run's settings except --epochs")):
+        train.run(run_cfg(resume=last, lr=0.5))
+    with pytest.raises(train.UsageError, match=re.escape(f"--dist l2 differs from the run in {best} (mi); "
+                                                         "--eval-only keeps that run's settings except --ckpt")):
+        train.run(run_cfg(eval_only=True, ckpt=best, dist="l2"))
+    # the saved run's own values, and the flags that may change, are accepted
+    metrics = train.run(run_cfg(eval_only=True, ckpt=best, batch_size=512, device="cpu"), log=lambda *_: None)
+    assert set(metrics) == {"valid", "test"}
+
+
+def test_cuda_device_number_is_checked_and_profiling_syncs_that_device(monkeypatch):
+    # no GPU here: stand in torch's answers for a machine with one GPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert train.resolve_device("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(train.UsageError, match=re.escape("--device cuda:1: this machine has 1 CUDA GPU(s)")):
+        train.resolve_device("cuda:1")
+    synced = []
+    monkeypatch.setattr(torch.cuda, "synchronize", synced.append)
+    timer = train.Timer(torch.device("cuda:1"), sync=True)
+    timer.lap("forward")
+    assert synced == [torch.device("cuda:1")] and set(timer.total) == {"forward"}
+
+
 def test_early_stopping_follows_mmrec():
     # valid R@20 is rounded to 4 decimals and must strictly beat the best; the run stops once more
     # than `patience` epochs in a row have not (MMRec's utils.early_stopping)

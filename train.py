@@ -45,7 +45,8 @@ class TrainConfig:
     topk_out: str = option("", "write the top-20 items of every test user at the best epoch to this TSV")
     eval_only: bool = option(False, "evaluate the checkpoint --ckpt on valid and test, no training")
     ckpt: str = option("", "checkpoint for --eval-only")
-    resume: str = option("", "continue the run that wrote this checkpoint (last.pt), in its folder")
+    resume: str = option("", "continue the run that wrote this checkpoint (last.pt), in its folder and with its "
+                         "settings; --epochs and --patience may extend it")
     ablation: bool = option(False, "run the ablation grid (full SAND with mi and l2, cross and intra CLUB "
                             "fitting, alignment only, distancing only, neither) and write ablation.csv/.md")
     seeds: int = option(3, "seeds per variant in --ablation", min=1)
@@ -213,6 +214,11 @@ class UsageError(Exception):
     """A command line that cannot be carried out; the message says why in one line."""
 
 
+def flag(name):
+    """The command-line flag of a configuration field: club_fit -> --club-fit."""
+    return "--" + name.replace("_", "-")
+
+
 def resolve_device(name):
     if not name:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -222,6 +228,9 @@ def resolve_device(name):
         raise UsageError(f"--device {name!r} is not a device: use cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {name}: this torch sees no CUDA GPU; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                         f"numbered from 0; use --device cuda:0")
     return device
 
 
@@ -268,12 +277,12 @@ class Timer:
     """Seconds per phase of an epoch; with `sync`, waits for the device at each lap (profiling)."""
 
     def __init__(self, device, sync):
-        self.sync = sync and device.type == "cuda"
+        self.device, self.sync = device, sync and device.type == "cuda"
         self.total, self.last = {}, time.perf_counter()
 
     def lap(self, name):
         if self.sync:
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(self.device)
         now = time.perf_counter()
         self.total[name] = self.total.get(name, 0.0) + now - self.last
         self.last = now
@@ -354,7 +363,9 @@ def fit(cfg, ds, device, out, resume=None, log=print):
         club_opt.load_state_dict(resume["club_opt"])
         gen.set_state(resume["generator"])
         state = resume["state"]
-        log(f"resuming after epoch {state['epoch']}" + (" (that run had already stopped early)" if state["stopped"] else ""))
+        state["stopped"] = state["bad_epochs"] > cfg.train.patience  # --patience may have changed
+        log(f"resuming after epoch {state['epoch']} (--epochs {cfg.train.epochs}, --patience {cfg.train.patience})"
+            + (": it has already stopped early" if state["stopped"] else ""))
     best_weights, saved_at = None, time.perf_counter()
 
     def save():  # last.pt: everything needed to resume; best.pt: the best epoch's weights
@@ -430,6 +441,29 @@ def config_from_checkpoint(ckpt):
     return RunConfig(SANDConfig(**c["sand"]), TrainConfig(**c["train"]))
 
 
+# A saved run keeps its configuration when it is continued (--resume) or evaluated (--eval-only). Only
+# these flags may change it; any other flag must be left out or match the saved run, never ignored.
+CHANGEABLE = {"resume": ("resume", "epochs", "patience", "device", "data_dir", "topk_out", "profile"),
+              "eval_only": ("eval_only", "ckpt", "device", "data_dir", "topk_out")}
+
+
+def saved_config(ckpt, path, cfg, mode):
+    """The configuration of the run in checkpoint `ckpt` (read from `path`), with each flag of
+    CHANGEABLE[mode] that the command line's `cfg` sets (to other than its default) taken from it."""
+    saved = config_from_checkpoint(ckpt)
+    for part, given in ((saved.sand, cfg.sand), (saved.train, cfg.train)):
+        for f in dataclasses.fields(part):
+            value, old = getattr(given, f.name), getattr(part, f.name)
+            if value == f.default or value == old:
+                continue
+            if f.name not in CHANGEABLE[mode]:
+                others = ", ".join(flag(n) for n in CHANGEABLE[mode] if n != mode)
+                raise UsageError(f"{flag(f.name)} {value} differs from the run in {path} ({old}); {flag(mode)} keeps "
+                                 f"that run's settings except {others}: leave out {flag(f.name)}, or start a new run")
+            setattr(part, f.name, value)
+    return saved
+
+
 def environment(device):
     return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
             "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
@@ -448,9 +482,8 @@ def run(cfg, log=print):
         resume = load_checkpoint(t.resume)
         if "opt" not in resume:
             raise UsageError(f"{t.resume} holds only the best epoch's weights; resume from the run's last.pt")
-        cfg = config_from_checkpoint(resume)
-        cfg.train.resume = t.resume
-        cfg.train.out = os.path.dirname(os.path.abspath(t.resume))
+        cfg = saved_config(resume, t.resume, cfg, "resume")
+        cfg.train.out = os.path.dirname(os.path.abspath(t.resume))  # it goes on in its own folder
         t = cfg.train
     device = resolve_device(t.device)
     ds = data.load_dataset(t.dataset, t.data_dir, t.data_seed)
@@ -552,9 +585,9 @@ def eval_only(cfg, log):
     if not cfg.train.ckpt:
         raise UsageError("--eval-only needs --ckpt PATH (a run folder's best.pt)")
     ckpt = load_checkpoint(cfg.train.ckpt)
-    saved = config_from_checkpoint(ckpt)
-    device = resolve_device(cfg.train.device)
-    ds = data.load_dataset(saved.train.dataset, cfg.train.data_dir, saved.train.data_seed)
+    saved = saved_config(ckpt, cfg.train.ckpt, cfg, "eval_only")
+    device = resolve_device(saved.train.device)
+    ds = data.load_dataset(saved.train.dataset, saved.train.data_dir, saved.train.data_seed)
     if ds.summary() != ckpt["dataset"]:
         raise data.DataError(f"checkpoint was trained on {ckpt['dataset']}, but the data is {ds.summary()}")
     model = build(saved, ds, device, saved.train.seed)[0]
@@ -576,12 +609,11 @@ def parser():
     for group, cls in (("training", TrainConfig), ("model (defaults: the authors' released code)", SANDConfig)):
         g = p.add_argument_group(group)
         for f in dataclasses.fields(cls):
-            flag = "--" + f.name.replace("_", "-")
             if f.type is bool:
-                g.add_argument(flag, action="store_true", help=f.metadata["help"])
+                g.add_argument(flag(f.name), action="store_true", help=f.metadata["help"])
             else:
                 shown = f" (default: {f.default})" if f.default != "" else ""
-                g.add_argument(flag, type=f.type, default=f.default, help=f.metadata["help"] + shown,
+                g.add_argument(flag(f.name), type=f.type, default=f.default, help=f.metadata["help"] + shown,
                                choices=f.metadata.get("choices"))
     return p
 
@@ -590,15 +622,15 @@ def check(cfg):
     """Every number of the configuration finite and within its option's range, else a UsageError."""
     for part in (cfg.sand, cfg.train):
         for f in dataclasses.fields(part):
-            v, m, flag = getattr(part, f.name), f.metadata, "--" + f.name.replace("_", "-")
+            v, m, name = getattr(part, f.name), f.metadata, flag(f.name)
             if f.type is float and not math.isfinite(v):
-                raise UsageError(f"{flag} must be a finite number (got {v})")
+                raise UsageError(f"{name} must be a finite number (got {v})")
             if "min" in m and not v >= m["min"]:
-                raise UsageError(f"{flag} must be at least {m['min']} (got {v})")
+                raise UsageError(f"{name} must be at least {m['min']} (got {v})")
             if "above" in m and not v > m["above"]:
-                raise UsageError(f"{flag} must be above {m['above']} (got {v})")
+                raise UsageError(f"{name} must be above {m['above']} (got {v})")
             if "max" in m and not v <= m["max"]:
-                raise UsageError(f"{flag} must be at most {m['max']} (got {v})")
+                raise UsageError(f"{name} must be at most {m['max']} (got {v})")
 
 
 def config_from_args(args):
