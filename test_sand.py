@@ -706,9 +706,18 @@ def test_cli_runs_an_mmrec_folder_as_users_write_it(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--dataset", "baby", "--dist", "l2",
                         "--epochs", "1"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    results = json.loads((tmp_path / "runs" / "baby-l2-seed999" / "results.json").read_text())
+    results = json.loads((tmp_path / "runs" / "baby-l2-seed999-epochs=1" / "results.json").read_text())
     assert results["dataset"]["n_items"] == ds.n_items and results["best_epoch"] == 1
     assert "unique_info_r2" not in results  # no planted factors in a folder dataset
+
+
+def test_default_run_folder_names_every_setting_off_its_default():
+    assert train.default_folder(run_cfg()) == os.path.join("runs", "synthetic-mi-seed999")
+    # settings that change the results are named; where and how it runs is not
+    cfg = run_cfg(dist="l2", seed=3, alpha=0.1, lr=1e-3, club_fit="intra", device="cpu", profile=True, data_dir="x")
+    assert train.default_folder(cfg) == os.path.join("runs", "synthetic-l2-seed3-club_fit=intra-alpha=0.1-lr=0.001")
+    assert train.default_folder(run_cfg(alpha=0.2)) != train.default_folder(run_cfg(alpha=0.1))
+    assert train.default_folder(cfg, grid=True) == os.path.join("runs", "ablation-synthetic-alpha=0.1-lr=0.001")
 
 
 def test_cli_end_to_end_writes_all_files(tmp_path):

@@ -41,7 +41,8 @@ class TrainConfig:
     patience: int = option(20, "stop once valid Recall@20 has not improved for more than this many epochs", min=0)
     batch_size: int = option(2048, "BPR triples per training batch", min=1)
     lr: float = option(1e-4, "Adam learning rate (model and CLUB estimator)", above=0)
-    out: str = option("", "run folder (default: runs/<dataset>-<dist>-seed<seed>)")
+    out: str = option("", "run folder (default: runs/<dataset>-<dist>-seed<seed>, then -setting=value for each "
+                      "other setting not at its default)")
     topk_out: str = option("", "write the top-20 items of every test user at the best epoch to this TSV")
     eval_only: bool = option(False, "evaluate the checkpoint --ckpt on valid and test, no training")
     ckpt: str = option("", "checkpoint for --eval-only")
@@ -471,6 +472,25 @@ def environment(device):
             "command": sys.argv}
 
 
+# Settings that do not change what a run computes
+NOT_IN_RESULTS = ("data_dir", "device", "out", "topk_out", "eval_only", "ckpt", "resume", "ablation", "seeds", "profile")
+
+
+def default_folder(cfg, grid=False):
+    """runs/<dataset>-<dist>-seed<seed> for a run, runs/ablation-<dataset> for the grid (which sets
+    dist, align and club_fit itself and names each run's folder by its seed), then -setting=value for
+    every other setting that changes the results and is not at its default: runs with different
+    settings do not overwrite each other's files."""
+    t = cfg.train
+    name, named = ((f"ablation-{t.dataset}", ("dataset", "dist", "align", "club_fit", "seed")) if grid
+                   else (f"{t.dataset}-{cfg.sand.dist}-seed{t.seed}", ("dataset", "dist", "seed")))
+    for part in (cfg.sand, cfg.train):
+        for f in dataclasses.fields(part):
+            if f.name not in NOT_IN_RESULTS + named and getattr(part, f.name) != f.default:
+                name += f"-{f.name}={getattr(part, f.name)}"
+    return os.path.join("runs", name)
+
+
 def run(cfg, log=print):
     """The command line's work, given a resolved configuration."""
     check(cfg)
@@ -489,7 +509,7 @@ def run(cfg, log=print):
     ds = data.load_dataset(t.dataset, t.data_dir, t.data_seed)
     if t.ablation:
         return ablation(cfg, ds, device, log)
-    out = t.out or os.path.join("runs", f"{t.dataset}-{cfg.sand.dist}-seed{t.seed}")
+    out = t.out or default_folder(cfg)
     results, model, evaluator = train_one(cfg, ds, device, out, resume, log)
     log(f"best epoch {results['best_epoch']}: test " + json.dumps(results["test"]))
     if "unique_info_r2" in results:
@@ -526,7 +546,7 @@ def ablation(cfg, ds, device, log):
     folder under --out; then ablation.csv (a row per run) and ablation.md (mean and sample standard
     deviation over seeds). A run whose folder already holds results.json for the same configuration
     is read back, not run again, so an interrupted grid continues where it stopped."""
-    out = cfg.train.out or os.path.join("runs", f"ablation-{cfg.train.dataset}")
+    out = cfg.train.out or default_folder(cfg, grid=True)
     rows = []
     for key, (label, changes) in ABLATIONS.items():
         for seed in range(cfg.train.seed, cfg.train.seed + cfg.train.seeds):
