@@ -643,7 +643,7 @@ TIMING = ("train_s_per_epoch", "eval_s_per_epoch", "peak_memory_gib")
     # lr 1e-9 keeps valid Recall@20 the same, so that with --patience 0 the run stops after epoch 2
     ({"lr": 1e-9}, {"patience": 0}, {"patience": 2}),  # a run that stopped early, extended by --patience
 ])
-def test_resume_on_the_command_line_extends_a_run_exactly(tmp_path, common, part, more):
+def test_resume_with_more_epochs_or_patience_extends_a_run_exactly(tmp_path, common, part, more):
     base = dict(dataset="tiny", data_dir=tiny_folder(tmp_path), batch_size=512, club_steps=5, epochs=4, **common)
     quiet = lambda *_: None
     whole = train.run(run_cfg(**{**base, **more, "out": str(tmp_path / "whole")}), log=quiet)
