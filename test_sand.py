@@ -811,3 +811,56 @@ def test_ablation_grid_writes_its_table_and_resumes(tmp_path, monkeypatch):
         raise AssertionError("a finished run was trained again")
     monkeypatch.setattr(train, "train_one", no_training)
     assert train.ablation(cfg, tiny(), torch.device("cpu"), log=lambda *_: None) == rows
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: the same numbers as on CPU (these run where torch sees a CUDA GPU, and are skipped elsewhere)
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@needs_cuda
+def test_cuda_loss_gradients_estimator_and_graphs_match_cpu():
+    ds, cfg = tiny(), run_cfg(dist="l2")  # --dist l2 draws no permutation: the same loss on both devices
+    got = {}
+    for name in ("cpu", "cuda"):
+        device = torch.device(name)
+        model, club, _, club_opt = train.build(cfg, ds, device, 0)
+        user, pos = (torch.from_numpy(ds.train[:500, i]).to(device) for i in (0, 1))
+        neg = torch.from_numpy(np.random.default_rng(0).integers(ds.n_items, size=500)).to(device)
+        loss, _, _ = model.loss(user, pos, neg, club)
+        loss.backward()
+        gen = torch.Generator().manual_seed(1)
+        x, y = (torch.randn(300, cfg.sand.dist_dim, generator=gen).to(device) for _ in range(2))
+        nll = fit_club(club, club_opt, x, y + x, 5)
+        got[name] = {"loss": loss.detach(), "item_item": model.item_item.to_dense(), "nll": nll,
+                     **{f"grad {n}": p.grad for n, p in model.named_parameters()},
+                     **{f"club {n}": p.detach() for n, p in club.named_parameters()}}
+    for key, want in got["cpu"].items():
+        have = got["cuda"][key].cpu()
+        torch.testing.assert_close(have, want, rtol=1e-3, atol=1e-5 * float(want.abs().max()) + 1e-12, msg=key)
+
+
+@needs_cuda
+def test_cuda_evaluation_matches_cpu():
+    ds = tiny()
+    gen = torch.Generator().manual_seed(0)
+    users, items = (torch.randn(n, 16, generator=gen, dtype=torch.float64) for n in (ds.n_users, ds.n_items))
+    want = train.make_evaluator(ds, torch.device("cpu"))(users, items)
+    have = train.make_evaluator(ds, torch.device("cuda"))(users.cuda(), items.cuda())
+    for split in want:
+        assert have[split] == pytest.approx(want[split], abs=1e-12)
+
+
+@needs_cuda
+def test_cuda_run_profiles_checkpoints_and_resumes(tmp_path):
+    lines = []
+    cfg = run_cfg(dataset="tiny", data_dir=tiny_folder(tmp_path), device="cuda", epochs=2, batch_size=512,
+                  club_steps=5, profile=True, out=str(tmp_path / "run"))
+    first = train.run(cfg, log=lines.append)
+    assert first["epochs_run"] == 2 and math.isfinite(first["test"]["recall@20"]) and first["peak_memory_gib"] > 0
+    assert sum(line.startswith("  profile: sample") for line in lines) == 2
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["environment"]["device"].startswith("cuda")
+    more = train.run(run_cfg(resume=str(tmp_path / "run" / "last.pt"), epochs=3), log=lambda *_: None)
+    assert more["epochs_run"] == 3
