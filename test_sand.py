@@ -128,6 +128,21 @@ def test_out_of_range_settings_are_refused(flag, value, expect):
         train.check(cfg)
 
 
+@pytest.mark.parametrize("kw, expect", [
+    ({"ckpt": "best.pt"}, "--ckpt is read only with --eval-only"),
+    ({"seeds": 5}, "--seeds is read only with --ablation"),
+    ({"ablation": True, "topk_out": "top.tsv"}, "--ablation writes no top-k file"),
+])
+def test_flags_that_would_be_ignored_are_refused(kw, expect):
+    with pytest.raises(train.UsageError, match=re.escape(expect)):
+        train.check(run_cfg(**kw))
+
+
+def test_flags_with_what_they_need_pass_the_check():
+    for kw in ({"ckpt": "best.pt", "eval_only": True}, {"seeds": 5, "ablation": True}, {"topk_out": "top.tsv"}):
+        train.check(run_cfg(**kw))
+
+
 def test_five_core_and_mmrec_split_rule():
     rng = np.random.default_rng(1)
     user, item = rng.integers(0, 600, 3000), rng.integers(0, 300, 3000)

@@ -638,8 +638,18 @@ def parser():
     return p
 
 
+ONLY_WITH = {"ckpt": "eval_only", "seeds": "ablation"}  # flags that mean something only with another
+
+
 def check(cfg):
-    """Every number of the configuration finite and within its option's range, else a UsageError."""
+    """Every number of the configuration finite and within its option's range, and no flag that
+    would be ignored, else a UsageError."""
+    t = cfg.train
+    for name, needed in ONLY_WITH.items():
+        if getattr(t, name) != TrainConfig.__dataclass_fields__[name].default and not getattr(t, needed):
+            raise UsageError(f"{flag(name)} is read only with {flag(needed)}")
+    if t.ablation and t.topk_out:
+        raise UsageError("--ablation writes no top-k file: run the variant alone with --topk-out")
     for part in (cfg.sand, cfg.train):
         for f in dataclasses.fields(part):
             v, m, name = getattr(part, f.name), f.metadata, flag(f.name)
