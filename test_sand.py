@@ -785,9 +785,38 @@ def test_ridge_r2_on_hand_made_parts():
     noise = torch.randn(600, 40, generator=gen, dtype=torch.float64)
     mixed = torch.cat([factor @ torch.randn(3, 3, generator=gen, dtype=torch.float64), noise], 1)
     fit, new = slice(0, 300), slice(300, 600)
-    assert train.ridge_r2(factor[fit], factor[fit], factor[new], factor[new]) > 0.999
-    assert train.ridge_r2(mixed[fit], factor[fit], mixed[new], factor[new]) > 0.95  # recovers a linear mix
-    assert abs(train.ridge_r2(noise[fit], factor[fit], noise[new], factor[new])) < 0.05
+    targets = {"factor": (factor[fit], factor[new]), "noise": (noise[fit, :3], noise[new, :3])}
+    assert train.ridge_r2(factor[fit], factor[new], targets)["factor"] > 0.999
+    r2 = train.ridge_r2(mixed[fit], mixed[new], targets)
+    assert r2["factor"] > 0.95 and r2["noise"] > 0.95  # recovers a linear mix, and the noise columns themselves
+    assert abs(train.ridge_r2(noise[fit, 3:], noise[new, 3:], targets)["factor"]) < 0.05
+
+
+def test_ridge_r2_matches_refitting_without_each_row():
+    # the penalty picked by refitting n times, each time without one row (columns standardised and
+    # y centred on all fitting rows, as ridge_r2 does), then R^2 on the new rows
+    gen = torch.Generator().manual_seed(4)
+    x_fit, x_new = torch.randn(25, 6, generator=gen, dtype=torch.float64), torch.randn(20, 6, generator=gen, dtype=torch.float64)
+    w = torch.randn(6, 2, generator=gen, dtype=torch.float64)
+    for noise in (0.1, 3.0):  # little noise favours a small penalty, much noise a large one
+        y_fit = x_fit @ w + noise * torch.randn(25, 2, generator=gen, dtype=torch.float64)
+        y_new = x_new @ w + noise * torch.randn(20, 2, generator=gen, dtype=torch.float64)
+        mean, std = x_fit.mean(0), x_fit.std(0)
+        xs, xn, ym = (x_fit - mean) / std, (x_new - mean) / std, y_fit.mean(0)
+        penalties = 10.0 ** np.arange(-3, 5)
+        loo = []
+        for lam in penalties:
+            err = 0.0
+            for i in range(25):
+                keep = torch.arange(25) != i
+                a = xs[keep]
+                coef = torch.linalg.solve(a.T @ a + lam * torch.eye(6, dtype=torch.float64), a.T @ (y_fit[keep] - ym))
+                err += float(((y_fit[i] - ym - xs[i] @ coef) ** 2).sum())
+            loo.append(err)
+        lam = penalties[int(np.argmin(loo))]
+        coef = torch.linalg.solve(xs.T @ xs + lam * torch.eye(6, dtype=torch.float64), xs.T @ (y_fit - ym))
+        want = 1 - float(((y_new - xn @ coef - ym) ** 2).sum() / ((y_new - y_new.mean(0)) ** 2).sum())
+        assert train.ridge_r2(x_fit, x_new, {"y": (y_fit, y_new)})["y"] == pytest.approx(want, abs=1e-10)
 
 
 def test_unique_info_reads_each_part_against_each_factor():

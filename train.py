@@ -162,25 +162,29 @@ class Evaluator:
 # ---------------------------------------------------------------------------------------------
 # What the learned parts carry (built-in datasets, whose planted factors are known)
 
-def ridge_r2(x_fit, y_fit, x_new, y_new, penalties=10.0 ** np.arange(-3, 5)):
-    """Held-out R^2 of a ridge regression y ~ x, in closed form: columns of x standardised on the
-    fitting rows, the penalty picked from `penalties` by exact leave-one-out error on those rows.
+def ridge_r2(x_fit, x_new, targets, penalties=10.0 ** np.arange(-3, 5)):
+    """Held-out R^2 of a ridge regression y ~ x for each target {name: (y_fit, y_new)}, in closed
+    form: columns of x standardised on the fitting rows, each target's penalty picked from `penalties`
+    by exact leave-one-out error on those rows. One SVD of x serves every target and penalty:
         coef = (X^T X + lam I)^-1 X^T y = V diag(s / (s^2 + lam)) U^T y   (X = U diag(s) V^T)"""
     mean, std = x_fit.mean(0), x_fit.std(0).clamp_min(1e-12)
-    x_fit, x_new = (x_fit - mean) / std, (x_new - mean) / std
-    y_mean = y_fit.mean(0)
+    x_fit, x_new = (x_fit - mean).div_(std), (x_new - mean).div_(std)
     u, sv, vh = torch.linalg.svd(x_fit, full_matrices=False)  # [n, r], [r], [r, d]
-    uty = u.T @ (y_fit - y_mean)  # [r, k]
-    loo = []
-    for lam in penalties:
-        shrink = sv ** 2 / (sv ** 2 + lam)  # [r]
-        fitted = u @ (shrink[:, None] * uty)  # [n, k]
-        leverage = (u ** 2 * shrink).sum(1)  # [n]: diagonal of the hat matrix
-        loo.append((((y_fit - y_mean - fitted) / (1 - leverage)[:, None]) ** 2).sum())
-    lam = penalties[int(torch.stack(loo).argmin())]
-    coef = vh.T @ ((sv / (sv ** 2 + lam))[:, None] * uty)  # [d, k]
-    residual = y_new - (x_new @ coef + y_mean)
-    return float(1 - (residual ** 2).sum() / ((y_new - y_new.mean(0)) ** 2).sum())
+    shrinks = [sv ** 2 / (sv ** 2 + lam) for lam in penalties]  # [r] each
+    leverages = [(u ** 2 * shrink).sum(1) for shrink in shrinks]  # [n] each: diagonal of the hat matrix
+    out = {}
+    for name, (y_fit, y_new) in targets.items():
+        y_mean = y_fit.mean(0)
+        uty = u.T @ (y_fit - y_mean)  # [r, k]
+        loo = []
+        for shrink, leverage in zip(shrinks, leverages):
+            fitted = u @ (shrink[:, None] * uty)  # [n, k]
+            loo.append((((y_fit - y_mean - fitted) / (1 - leverage)[:, None]) ** 2).sum())
+        lam = penalties[int(torch.stack(loo).argmin())]
+        coef = vh.T @ ((sv / (sv ** 2 + lam))[:, None] * uty)  # [d, k]
+        residual = y_new - (x_new @ coef + y_mean)
+        out[name] = float(1 - (residual ** 2).sum() / ((y_new - y_new.mean(0)) ** 2).sum())
+    return out
 
 
 def unique_info(model, factors, seed=0):
@@ -190,13 +194,16 @@ def unique_info(model, factors, seed=0):
     n = len(factors["generic"])
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     fit_rows, new_rows = perm[:n // 2], perm[n // 2:]
-    truth = {name: torch.from_numpy(f).double() for name, f in factors.items()}
+    truth = {}  # {factor group: (rows to fit on, rows to score on)}
+    for name, f in factors.items():
+        y = torch.from_numpy(f).double()
+        truth[name] = (y[fit_rows], y[new_rows])
     out = {}
     for m in MODALITIES:
         for part, x in model.split_parts(m).items():
-            x = x.double().cpu()
-            out[f"{m} {part}"] = {name: round(ridge_r2(x[fit_rows], y[fit_rows], x[new_rows], y[new_rows]), 4)
-                                  for name, y in truth.items()}
+            x = x.cpu()  # float32; only the two halves of the rows are made float64
+            r2 = ridge_r2(x[fit_rows].double(), x[new_rows].double(), truth)
+            out[f"{m} {part}"] = {name: round(v, 4) for name, v in r2.items()}
     return out
 
 
