@@ -470,14 +470,18 @@ def test_club_bound_matches_formula():
     torch.manual_seed(0)
     club = CLUB(6, 4).double()
     x, y = torch.randn(30, 6, dtype=torch.float64), torch.randn(30, 6, dtype=torch.float64)
-    perm = torch.randperm(30)
-    mu, logvar = club.mu(x), club.logvar(x)
+    with torch.no_grad():
+        mu, logvar = club.mu(x), club.logvar(x)
 
-    def log_normal(yy):  # log N(y; mu, exp(logvar)) without its 2 pi constant
-        return (-0.5 * (yy - mu) ** 2 / logvar.exp() - 0.5 * logvar).sum(1)
-    want = max(0.0, float((log_normal(y) - log_normal(y[perm])).mean()) / 2)
-    assert float(club(x, y, perm)) == pytest.approx(want)
-    assert float(club.nll(x, y)) == pytest.approx(-float(log_normal(y).mean()))
+        def log_normal(yy):  # log N(y; mu, exp(logvar)) without its 2 pi constant
+            return (-0.5 * (yy - mu) ** 2 / logvar.exp() - 0.5 * logvar).sum(1)
+        raw = []
+        for seed in (0, 1):  # permutations that give a positive and a negative (clamped) bound
+            perm = torch.randperm(30, generator=torch.Generator().manual_seed(seed))
+            raw.append(float((log_normal(y) - log_normal(y[perm])).mean()) / 2)
+            assert float(club(x, y, perm)) == pytest.approx(max(0.0, raw[-1]))
+        assert raw[0] > 0 > raw[1]
+        assert float(club.nll(x, y)) == pytest.approx(-float(log_normal(y).mean()))
 
 
 def test_club_detects_dependence():
@@ -560,6 +564,8 @@ def test_fast_path_equals_plain_formulation(dist, align):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7, msg=p[0])
     want_terms = {"bpr"} | ({"solo"} if align == "solo" else set()) | {"mi": {"club"}, "l2": {"neg_l2"}, "none": set()}[dist]
     assert set(terms) == want_terms  # --dist none and --align none really remove their terms
+    if dist == "mi":
+        assert float(terms["club"]) > 0  # not clamped: the bound's gradients are compared too
     if dist == "none" and align == "none":  # only BPR is left
         torch.testing.assert_close(fast, terms["bpr"])
 
