@@ -708,6 +708,23 @@ def test_cuda_device_number_is_checked_and_profiling_syncs_that_device(monkeypat
     assert synced == [torch.device("cuda:1")] and set(timer.total) == {"forward"}
 
 
+def test_a_diverging_run_stops_cleanly(tmp_path):
+    # lr 1e30 sends the weights to inf in the first steps: the run stops, writes its files, and
+    # neither the planted-factor diagnostic nor --topk-out touches the diverged weights
+    lines = []
+    cfg = run_cfg(dataset="tiny", data_dir=tiny_folder(tmp_path), epochs=3, batch_size=512, club_steps=2, lr=1e30,
+                  out=str(tmp_path / "run"), topk_out=str(tmp_path / "top.tsv"))
+    results = train.run(cfg, log=lines.append)
+    assert results["best_epoch"] is None and results["test"] is None and results["epochs_run"] == 0
+    assert any(line.startswith("epoch 1: a loss is not finite") and line.endswith("no epoch finished") for line in lines)
+    assert lines[-1] == f"no epoch finished, so {tmp_path / 'top.tsv'} was not written"
+    assert not (tmp_path / "top.tsv").exists() and (tmp_path / "run" / "results.json").is_file()
+    ds = tiny()  # a built-in dataset, with the diagnostic
+    results = train.fit(run_cfg(epochs=2, batch_size=512, club_steps=2, lr=1e30), ds, torch.device("cpu"),
+                        str(tmp_path), log=lambda *_: None)[0]
+    assert results["best_epoch"] is None and "unique_info_r2" not in results
+
+
 def test_early_stopping_follows_mmrec():
     # valid R@20 is rounded to 4 decimals and must strictly beat the best; the run stops once more
     # than `patience` epochs in a row have not (MMRec's utils.early_stopping)

@@ -392,7 +392,8 @@ def fit(cfg, ds, device, out, resume=None, log=print):
         terms = train_epoch(model, club, opt, club_opt, sampler, cfg, timer)
         t1 = time.perf_counter()
         if not all(math.isfinite(v) for v in terms.values()):
-            log(f"epoch {epoch}: a loss is not finite ({terms}); stopping, the best epoch is kept")
+            log(f"epoch {epoch}: a loss is not finite ({terms}); stopping, "
+                + (f"the best epoch ({state['best_epoch']}) is kept" if state["best_epoch"] else "no epoch finished"))
             break
         metrics = evaluate(model, evaluator)
         timer.lap("evaluate")
@@ -426,7 +427,7 @@ def fit(cfg, ds, device, out, resume=None, log=print):
                "peak_memory_gib": peak_memory_gib(device), "dataset": ds.summary()}
     if state["best_epoch"] is not None:  # leave the model at its best epoch
         model.load_state_dict(best_weights or load_checkpoint(os.path.join(out, "best.pt"))["model"])
-    if ds.factors is not None:  # a built-in dataset: what do the learned parts carry?
+    if ds.factors is not None and state["best_epoch"] is not None:  # built-in data: what do the parts carry?
         results["unique_info_r2"] = {"init": state["unique_info_r2_init"], "best": unique_info(model, ds.factors)}
     return results, model, evaluator
 
@@ -518,11 +519,16 @@ def run(cfg, log=print):
         return ablation(cfg, ds, device, log)
     out = t.out or default_folder(cfg)
     results, model, evaluator = train_one(cfg, ds, device, out, resume, log)
-    log(f"best epoch {results['best_epoch']}: test " + json.dumps(results["test"]))
+    if results["best_epoch"] is None:
+        log(f"no epoch finished: {out}/results.json holds no metrics")
+    else:
+        log(f"best epoch {results['best_epoch']}: test " + json.dumps(results["test"]))
     if "unique_info_r2" in results:
         log(format_r2(results["unique_info_r2"]))
     if t.topk_out and results["best_epoch"] is not None:
         write_topk_file(model, evaluator, t.topk_out)
+    elif t.topk_out:
+        log(f"no epoch finished, so {t.topk_out} was not written")
     return results
 
 
