@@ -220,12 +220,16 @@ class CLUB(nn.Module):
 
 
 def fit_club(club, optimizer, x, y, steps):
-    """`steps` optimizer steps of CLUB.nll(x, y) on detached pairs; returns the last step's loss.
+    """`steps` optimizer steps of CLUB.nll(x, y) on detached pairs; returns the last step's loss (for no
+    steps, the loss as it stands).
     The same as `loss = club.nll(x, y); loss.backward(); optimizer.step()` per step (test_sand.py
     checks it), with the gradient written out, which needs a third of autograd's kernels:
         r = mu - y,  e = exp(-logvar),  nll = 1/N sum (r^2 e + logvar) / 2
         dnll/dmu = r e / N,  dnll/dlogvar = (1 - r^2 e) / (2N),  then back through tanh, Linear, ReLU, Linear."""
     x, y = x.detach(), y.detach()
+    if steps == 0:  # no step: the estimator's nll as it stands
+        with torch.no_grad():
+            return club.nll(x, y)
     (w1, b1), (w2, b2) = [(lin.weight, lin.bias) for lin in (club.mu[0], club.mu[2])]
     (w3, b3), (w4, b4) = [(lin.weight, lin.bias) for lin in (club.logvar[0], club.logvar[2])]
     n, hid = x.shape[0], w1.shape[0]

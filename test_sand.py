@@ -453,6 +453,9 @@ def test_fit_club_equals_autograd_steps():
     for (name, a), b in zip(fast.named_parameters(), ref.parameters()):
         torch.testing.assert_close(a, b, msg=name)
     assert float(loss) < float(CLUB(6, 4).double().nll(x, y).detach())  # and it did fit
+    before = [p.detach().clone() for p in fast.parameters()]  # no steps: nothing moves, the nll as it stands
+    torch.testing.assert_close(fit_club(fast, torch.optim.Adam(fast.parameters()), x, y, 0), fast.nll(x, y).detach())
+    assert all(torch.equal(a, b) for a, b in zip(before, fast.parameters()))
 
 
 def test_neg_l2_sign_and_gradient():
