@@ -681,6 +681,28 @@ def test_resume_with_more_epochs_or_patience_extends_a_run_exactly(tmp_path, com
     assert {k: saved["train"][k] for k in more} == more and saved["train"]["batch_size"] == 512
 
 
+def test_an_interrupted_run_keeps_its_files_and_resumes_exactly(tmp_path, monkeypatch):
+    base = dict(dataset="tiny", data_dir=tiny_folder(tmp_path), batch_size=512, club_steps=5, epochs=4)
+    whole = train.run(run_cfg(**base, out=str(tmp_path / "whole")), log=lambda *_: None)
+    real, calls = train.train_epoch, []
+
+    def interrupted_in_epoch_3(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args)
+    monkeypatch.setattr(train, "train_epoch", interrupted_in_epoch_3)
+    lines, out = [], tmp_path / "part"
+    with pytest.raises(KeyboardInterrupt):
+        train.run(run_cfg(**base, out=str(out)), log=lines.append)
+    assert lines[-1] == f"interrupted: --resume {out / 'last.pt'} continues from its epoch"
+    assert torch.load(out / "last.pt", weights_only=False)["epoch"] == 1  # written after the first epoch
+    assert len((out / "metrics.csv").read_text().splitlines()) == 3  # epochs 1 and 2, complete
+    monkeypatch.setattr(train, "train_epoch", real)
+    resumed = train.run(run_cfg(resume=str(out / "last.pt")), log=lambda *_: None)
+    assert {k: v for k, v in resumed.items() if k not in TIMING} == {k: v for k, v in whole.items() if k not in TIMING}
+
+
 def test_resume_and_eval_only_refuse_a_changed_setting(tmp_path):
     out = tmp_path / "run"
     train.run(run_cfg(dataset="tiny", data_dir=tiny_folder(tmp_path), batch_size=512, club_steps=2, epochs=1,

@@ -25,7 +25,7 @@ import data
 from sand import CLUB, MODALITIES, SAND, SANDConfig, chunk_rows, fit_club, item_graph, lightgcn_adjacency, option
 
 KS = (10, 20)  # Recall@K and NDCG@K
-CHECKPOINT_SECONDS = 60  # last.pt and best.pt are rewritten at most this often, and at the end of a run
+CHECKPOINT_SECONDS = 60  # last.pt and best.pt: after the first epoch, then at most this often, and at the end
 
 
 @dataclass
@@ -374,7 +374,7 @@ def fit(cfg, ds, device, out, resume=None, log=print):
         state["stopped"] = state["bad_epochs"] > cfg.train.patience  # --patience may have changed
         log(f"resuming after epoch {state['epoch']} (--epochs {cfg.train.epochs}, --patience {cfg.train.patience})"
             + (": it has already stopped early" if state["stopped"] else ""))
-    best_weights, saved_at = None, time.perf_counter()
+    best_weights, saved_at, saved_once = None, time.perf_counter(), resume is not None
 
     def save():  # last.pt: everything needed to resume; best.pt: the best epoch's weights
         save_checkpoint(os.path.join(out, "last.pt"), {
@@ -409,9 +409,9 @@ def fit(cfg, ds, device, out, resume=None, log=print):
                "train_s": round(t1 - t0, 3), "eval_s": round(t2 - t1, 3)}
         state["history"].append(row)
         write_metrics(os.path.join(out, "metrics.csv"), state["history"])
-        if time.perf_counter() - saved_at > CHECKPOINT_SECONDS:
+        if not saved_once or time.perf_counter() - saved_at > CHECKPOINT_SECONDS:
             save()
-            saved_at = time.perf_counter()
+            saved_at, saved_once = time.perf_counter(), True
         loss_txt = " ".join(f"{k} {v:.4f}" for k, v in terms.items())
         log(f"epoch {epoch:4d} | {loss_txt} | valid R@20 {metrics['valid']['recall@20']:.4f} "
             f"test R@20 {metrics['test']['recall@20']:.4f} | train {t1 - t0:.2f}s eval {t2 - t1:.2f}s"
@@ -538,7 +538,13 @@ def train_one(cfg, ds, device, out, resume=None, log=print):
     save_json(os.path.join(out, "config.json"), {**dataclasses.asdict(cfg), "dataset_stats": ds.summary(),
                                                  "environment": environment(device)})
     log(f"{ds.summary()} on {device}; writing to {out}/")
-    results, model, evaluator = fit(cfg, ds, device, out, resume, log)
+    try:
+        results, model, evaluator = fit(cfg, ds, device, out, resume, log)
+    except KeyboardInterrupt:
+        last = os.path.join(out, "last.pt")
+        log(f"interrupted: --resume {last} continues from its epoch" if os.path.isfile(last) else
+            f"interrupted before the first epoch ended: {out}/ holds no checkpoint")
+        raise
     save_json(os.path.join(out, "results.json"), results)
     return results, model, evaluator
 
@@ -690,8 +696,8 @@ def main(argv=None):
         print(f"train.py: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("train.py: interrupted; every file written so far is complete (continue with --resume RUN/last.pt)",
-              file=sys.stderr)
+        print("train.py: interrupted; every file written so far is complete (a run continues with --resume "
+              "RUN/last.pt, an --ablation grid by running it again)", file=sys.stderr)
         sys.exit(130)
 
 
