@@ -151,7 +151,9 @@ def write_mmrec(ds, data_dir):
 
 
 def atomic_write(path, content, mode="w"):
-    """Write to path.tmp, then rename: an interrupted write never leaves a half-written file."""
+    """Write to path.tmp, then rename: an interrupted write never leaves a half-written file. The
+    folder is made if it does not exist."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, mode) as f:
         content(f) if callable(content) else f.write(content)

@@ -784,7 +784,7 @@ def test_default_run_folder_names_every_setting_off_its_default():
 
 
 def test_cli_end_to_end_writes_all_files(tmp_path):
-    out, topk = tmp_path / "run", tmp_path / "top.tsv"
+    out, topk = tmp_path / "run", tmp_path / "new" / "top.tsv"  # a folder that does not exist yet
     cmd = [sys.executable, os.path.join(HERE, "train.py"), "--dataset", "synthetic", "--epochs", "2",
            "--club-steps", "2", "--out", str(out), "--topk-out", str(topk), "--device", "cpu"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
