@@ -103,6 +103,9 @@ def read_features(path, n_items):
                         f"(n_items = max itemID + 1 in the .inter file)")
     if not np.issubdtype(feat.dtype, np.number):
         raise DataError(f"{path}: dtype {feat.dtype} is not numeric")
+    if feat.shape[1] < 2:
+        raise DataError(f"{path}: {feat.shape[1]} feature column(s); SAND splits each modality's features into a "
+                        f"generic and a unique half, so it needs at least 2")
     feat = np.ascontiguousarray(feat, dtype=np.float32)
     bad = ~np.isfinite(feat).all(axis=1)
     if bad.any():
@@ -115,6 +118,10 @@ def from_interactions(name, user, item, label, image, text, n_users=None, n_item
     """Assemble and check a Dataset from flat (user, item, x_label) arrays."""
     n_users = int(user.max()) + 1 if n_users is None else n_users
     n_items = int(item.max()) + 1 if n_items is None else n_items
+    seen = len(np.unique(user))
+    if n_users > 10 * seen:  # every user id below the largest gets a learned row: raw ids would not fit in memory
+        raise DataError(f"dataset '{name}': userID goes up to {n_users - 1} but only {seen} distinct users occur; "
+                        f"ids must be 0-based and dense, as in MMRec's files: remap them to 0..{seen - 1}")
     pairs = np.stack([user, item], axis=1).astype(np.int64)
     parts = {s: pairs[label == k] for k, s in enumerate(SPLITS)}
     if len(parts["train"]) == 0:

@@ -80,6 +80,9 @@ HEADER = "userID\titemID\trating\ttimestamp\tx_label\n"
     (dict(image=np.ones((6, 6))), "image_feat.npy: shape (6, 6), expected [7, d]"),
     (dict(text=np.where(np.eye(7, 4) > 0, np.nan, 1.0)), "text_feat.npy: 4 rows hold NaN or inf"),
     (dict(image=np.full((7, 6), np.inf)), "7 rows hold NaN or inf"),
+    (dict(text=np.ones((7, 1))), "text_feat.npy: 1 feature column(s); SAND splits"),
+    (dict(inter=HEADER + "0\t0\t1\t1\t0\n0\t1\t1\t1\t1\n50\t0\t1\t1\t2\n", image=np.ones((2, 3)), text=np.ones((2, 3))),
+     "userID goes up to 50 but only 2 distinct users occur; ids must be 0-based and dense"),
 ])
 def test_bad_input_gives_clear_error(tmp_path, case, expect):
     with pytest.raises(data.DataError, match=expect.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
