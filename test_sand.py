@@ -706,6 +706,16 @@ def test_an_interrupted_run_keeps_its_files_and_resumes_exactly(tmp_path, monkey
     assert {k: v for k, v in resumed.items() if k not in TIMING} == {k: v for k, v in whole.items() if k not in TIMING}
 
 
+def test_a_file_that_is_not_a_checkpoint_is_refused(tmp_path):
+    text, other = tmp_path / "metrics.csv", tmp_path / "other.pt"
+    text.write_text("epoch,bpr\n1,0.7\n")
+    torch.save({"weights": torch.zeros(2)}, other)
+    for path in (text, other):
+        with pytest.raises(train.UsageError, match=re.escape(f"{path} is not a checkpoint written by train.py")) as e:
+            train.load_checkpoint(str(path))
+        assert "\n" not in str(e.value)
+
+
 def test_resume_and_eval_only_refuse_a_changed_setting(tmp_path):
     out = tmp_path / "run"
     train.run(run_cfg(dataset="tiny", data_dir=tiny_folder(tmp_path), batch_size=512, club_steps=2, epochs=1,

@@ -442,7 +442,14 @@ def peak_memory_gib(device):
 def load_checkpoint(path):
     if not os.path.isfile(path):
         raise UsageError(f"checkpoint {path} not found (a run folder holds best.pt and last.pt)")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    not_ours = f"{path} is not a checkpoint written by train.py (a run folder's best.pt or last.pt)"
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # whatever torch.load makes of a file that is not one of ours
+        raise UsageError(f"{not_ours}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    if not isinstance(ckpt, dict) or not {"model", "epoch", "config", "dataset"} <= ckpt.keys():
+        raise UsageError(not_ours)
+    return ckpt
 
 
 def config_from_checkpoint(ckpt):
