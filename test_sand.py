@@ -115,6 +115,13 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, args, expect):
     assert "Traceback" not in r.stderr
 
 
+def test_cli_unwritable_output_is_one_line_exit_2(tmp_path):
+    (tmp_path / "afile").write_text("")
+    r = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--out", str(tmp_path / "afile" / "run")],
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Not a directory" in r.stderr, r.stderr
+
+
 @pytest.mark.parametrize("flag, value, expect", [
     ("tau", 0.0, "--tau must be above 0 (got 0.0)"),
     ("image_weight", 1.5, "--image-weight must be at most 1 (got 1.5)"),
@@ -135,8 +142,10 @@ def test_out_of_range_settings_are_refused(flag, value, expect):
     ({"ckpt": "best.pt"}, "--ckpt is read only with --eval-only"),
     ({"seeds": 5}, "--seeds is read only with --ablation"),
     ({"ablation": True, "topk_out": "top.tsv"}, "--ablation writes no top-k file"),
+    ({"out": __file__}, f"--out {__file__} is a file: give a folder path"),
+    ({"topk_out": HERE}, f"--topk-out {HERE} is a folder: give a file path"),
 ])
-def test_flags_that_would_be_ignored_are_refused(kw, expect):
+def test_flags_that_would_be_ignored_or_fail_late_are_refused(kw, expect):
     with pytest.raises(train.UsageError, match=re.escape(expect)):
         train.check(run_cfg(**kw))
 

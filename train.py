@@ -668,14 +668,19 @@ ONLY_WITH = {"ckpt": "eval_only", "seeds": "ablation"}  # flags that mean someth
 
 
 def check(cfg):
-    """Every number of the configuration finite and within its option's range, and no flag that
-    would be ignored, else a UsageError."""
+    """Every number of the configuration finite and within its option's range, no flag that would be
+    ignored, no output path of the wrong kind (found out now, not after training), else a UsageError."""
     t = cfg.train
     for name, needed in ONLY_WITH.items():
         if getattr(t, name) != TrainConfig.__dataclass_fields__[name].default and not getattr(t, needed):
             raise UsageError(f"{flag(name)} is read only with {flag(needed)}")
     if t.ablation and t.topk_out:
         raise UsageError("--ablation writes no top-k file: run the variant alone with --topk-out")
+    for name, folder in (("out", True), ("topk_out", False)):
+        path = getattr(t, name)
+        if path and os.path.exists(path) and os.path.isdir(path) != folder:
+            raise UsageError(f"{flag(name)} {path} is a {'file' if folder else 'folder'}: give a "
+                             f"{'folder' if folder else 'file'} path")
     for part in (cfg.sand, cfg.train):
         for f in dataclasses.fields(part):
             v, m, name = getattr(part, f.name), f.metadata, flag(f.name)
@@ -699,7 +704,7 @@ def main(argv=None):
     args = parser().parse_args(argv)
     try:
         run(config_from_args(args))
-    except (data.DataError, UsageError) as e:
+    except (data.DataError, UsageError, OSError) as e:  # OSError: a file or folder that cannot be written
         print(f"train.py: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
