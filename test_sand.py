@@ -141,7 +141,8 @@ def test_out_of_range_settings_are_refused(flag, value, expect):
 @pytest.mark.parametrize("kw, expect", [
     ({"ckpt": "best.pt"}, "--ckpt is read only with --eval-only"),
     ({"seeds": 5}, "--seeds is read only with --ablation"),
-    ({"ablation": True, "topk_out": "top.tsv"}, "--ablation writes no top-k file"),
+    ({"ablation": True, "topk_out": "top.tsv"}, "--topk-out does nothing in --ablation"),
+    ({"ablation": True, "profile": True}, "--profile does nothing in --ablation"),
     ({"out": __file__}, f"--out {__file__} is a file: give a folder path"),
     ({"topk_out": HERE}, f"--topk-out {HERE} is a folder: give a file path"),
 ])

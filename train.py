@@ -674,8 +674,9 @@ def check(cfg):
     for name, needed in ONLY_WITH.items():
         if getattr(t, name) != TrainConfig.__dataclass_fields__[name].default and not getattr(t, needed):
             raise UsageError(f"{flag(name)} is read only with {flag(needed)}")
-    if t.ablation and t.topk_out:
-        raise UsageError("--ablation writes no top-k file: run the variant alone with --topk-out")
+    for name in ("topk_out", "profile"):
+        if t.ablation and getattr(t, name):
+            raise UsageError(f"{flag(name)} does nothing in --ablation: run one variant alone with it")
     for name, folder in (("out", True), ("topk_out", False)):
         path = getattr(t, name)
         if path and os.path.exists(path) and os.path.isdir(path) != folder:
