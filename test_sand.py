@@ -709,11 +709,30 @@ def test_an_interrupted_run_keeps_its_files_and_resumes_exactly(tmp_path, monkey
     with pytest.raises(KeyboardInterrupt):
         train.run(run_cfg(**base, out=str(out)), log=lines.append)
     assert lines[-1] == f"interrupted: --resume {out / 'last.pt'} continues from its epoch"
+    assert not (out / "results.json").exists()  # only a finished run has one
     assert torch.load(out / "last.pt", weights_only=False)["epoch"] == 1  # written after the first epoch
     assert len((out / "metrics.csv").read_text().splitlines()) == 3  # epochs 1 and 2, complete
     monkeypatch.setattr(train, "train_epoch", real)
     resumed = train.run(run_cfg(resume=str(out / "last.pt")), log=lambda *_: None)
     assert {k: v for k, v in resumed.items() if k not in TIMING} == {k: v for k, v in whole.items() if k not in TIMING}
+
+
+def test_a_new_run_in_a_used_folder_leaves_none_of_the_old_runs_files(tmp_path, monkeypatch):
+    # an interrupted run must not leave its config.json beside an earlier run's results.json: the
+    # ablation grid would read those results back as this configuration's
+    base = dict(dataset="tiny", data_dir=tiny_folder(tmp_path), batch_size=512, club_steps=2, epochs=1,
+                out=str(tmp_path / "run"))
+    train.run(run_cfg(**base), log=lambda *_: None)
+    assert {p.name for p in (tmp_path / "run").iterdir()} >= {"results.json", "last.pt", "best.pt", "metrics.csv"}
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "train_epoch", interrupted)
+    other = run_cfg(**base, lr=1e-3)
+    with pytest.raises(KeyboardInterrupt):
+        train.run(other, log=lambda *_: None)
+    assert {p.name for p in (tmp_path / "run").iterdir()} == {"config.json"}
+    assert train.read_finished(str(tmp_path / "run"), other) is None
 
 
 def test_a_file_that_is_not_a_checkpoint_is_refused(tmp_path):

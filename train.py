@@ -542,6 +542,10 @@ def run(cfg, log=print):
 def train_one(cfg, ds, device, out, resume=None, log=print):
     """One run in folder `out`: config.json, then training, then results.json."""
     os.makedirs(out, exist_ok=True)
+    # results.json exists only for a finished run, and a fresh run starts without an earlier run's files
+    for name in ("results.json",) if resume else ("results.json", "metrics.csv", "last.pt", "best.pt"):
+        if os.path.exists(os.path.join(out, name)):
+            os.remove(os.path.join(out, name))
     save_json(os.path.join(out, "config.json"), {**dataclasses.asdict(cfg), "dataset_stats": ds.summary(),
                                                  "environment": environment(device)})
     log(f"{ds.summary()} on {device}; writing to {out}/")
