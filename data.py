@@ -54,7 +54,7 @@ def _missing_help(folder, name):
 
 def read_inter(path):
     """Read a .inter file -> (user, item, x_label) int64 arrays, validated."""
-    with open(path) as f:
+    with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Windows editors) is not part of userID
         header = f.readline().rstrip("\r\n").split("\t")
         lines = f.read().splitlines()
     need = ("userID", "itemID", "x_label")

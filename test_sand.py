@@ -55,6 +55,16 @@ def test_load_mmrec_reads_splits_and_casts_float64(tmp_path):
     assert ds.image.dtype == np.float32 and ds.image.shape == (7, 6)
 
 
+def test_inter_file_from_a_windows_editor_reads_the_same(tmp_path):
+    # a UTF-8 byte-order mark before the header and CRLF line ends
+    plain = "userID\titemID\trating\ttimestamp\tx_label\n0\t1\t5\t1\t0\n2\t0\t5\t1\t1\n1\t3\t5\t1\t2\n"
+    (tmp_path / "a.inter").write_text(plain)
+    (tmp_path / "b.inter").write_bytes(b"\xef\xbb\xbf" + plain.replace("\n", "\r\n").encode())
+    for a, b in zip(data.read_inter(str(tmp_path / "a.inter")), data.read_inter(str(tmp_path / "b.inter"))):
+        np.testing.assert_array_equal(a, b)
+    assert data.read_inter(str(tmp_path / "a.inter"))[0].tolist() == [0, 2, 1]
+
+
 def test_write_then_load_round_trips(tmp_path):
     ds = tiny()
     data.write_mmrec(ds, str(tmp_path))
