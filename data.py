@@ -54,9 +54,12 @@ def _missing_help(folder, name):
 
 def read_inter(path):
     """Read a .inter file -> (user, item, x_label) int64 arrays, validated."""
-    with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Windows editors) is not part of userID
-        header = f.readline().rstrip("\r\n").split("\t")
-        lines = f.read().splitlines()
+    try:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Windows editors) is not part of userID
+            header = f.readline().rstrip("\r\n").split("\t")
+            lines = f.read().splitlines()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not a text file in UTF-8 ({e.reason} at byte {e.start})") from None
     need = ("userID", "itemID", "x_label")
     absent = [c for c in need if c not in header]
     if absent:

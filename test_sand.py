@@ -63,6 +63,9 @@ def test_inter_file_from_a_windows_editor_reads_the_same(tmp_path):
     for a, b in zip(data.read_inter(str(tmp_path / "a.inter")), data.read_inter(str(tmp_path / "b.inter"))):
         np.testing.assert_array_equal(a, b)
     assert data.read_inter(str(tmp_path / "a.inter"))[0].tolist() == [0, 2, 1]
+    (tmp_path / "c.inter").write_bytes(plain.encode() + b"\xff\xfe\n")  # not text
+    with pytest.raises(data.DataError, match="c.inter: not a text file in UTF-8"):
+        data.read_inter(str(tmp_path / "c.inter"))
 
 
 def test_write_then_load_round_trips(tmp_path):
