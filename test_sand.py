@@ -797,7 +797,7 @@ def test_a_diverging_run_stops_cleanly(tmp_path):
     results = train.run(cfg, log=lines.append)
     assert results["best_epoch"] is None and results["test"] is None and results["epochs_run"] == 0
     assert any(line.startswith("epoch 1: a loss is not finite") and line.endswith("no epoch finished") for line in lines)
-    assert lines[-1] == f"no epoch finished, so {tmp_path / 'top.tsv'} was not written"
+    assert lines[-1] == f"no epoch finished: {tmp_path / 'run'}/results.json holds no metrics, {tmp_path / 'top.tsv'} was not written"
     assert not (tmp_path / "top.tsv").exists() and (tmp_path / "run" / "results.json").is_file()
     ds = tiny()  # a built-in dataset, with the diagnostic
     results = train.fit(run_cfg(epochs=2, batch_size=512, club_steps=2, lr=1e30), ds, torch.device("cpu"),

@@ -227,6 +227,12 @@ def flag(name):
     return "--" + name.replace("_", "-")
 
 
+def off_default(cfg):
+    """{field: value} of every setting of the run configuration that is not at its default."""
+    return {f.name: getattr(part, f.name) for part in (cfg.sand, cfg.train) for f in dataclasses.fields(part)
+            if getattr(part, f.name) != f.default}
+
+
 def resolve_device(name):
     if not name:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -374,7 +380,7 @@ def fit(cfg, ds, device, out, resume=None, log=print):
         state["stopped"] = state["bad_epochs"] > cfg.train.patience  # --patience may have changed
         log(f"resuming after epoch {state['epoch']} (--epochs {cfg.train.epochs}, --patience {cfg.train.patience})"
             + (": it has already stopped early" if state["stopped"] else ""))
-    best_weights, saved_at, saved_once = None, time.perf_counter(), resume is not None
+    best_weights, saved_at = None, time.perf_counter() if resume else -math.inf  # a fresh run saves after epoch 1
 
     def save():  # last.pt: everything needed to resume; best.pt: the best epoch's weights
         save_checkpoint(os.path.join(out, "last.pt"), {
@@ -409,9 +415,9 @@ def fit(cfg, ds, device, out, resume=None, log=print):
                "train_s": round(t1 - t0, 3), "eval_s": round(t2 - t1, 3)}
         state["history"].append(row)
         write_metrics(os.path.join(out, "metrics.csv"), state["history"])
-        if not saved_once or time.perf_counter() - saved_at > CHECKPOINT_SECONDS:
+        if time.perf_counter() - saved_at > CHECKPOINT_SECONDS:
             save()
-            saved_at, saved_once = time.perf_counter(), True
+            saved_at = time.perf_counter()
         loss_txt = " ".join(f"{k} {v:.4f}" for k, v in terms.items())
         log(f"epoch {epoch:4d} | {loss_txt} | valid R@20 {metrics['valid']['recall@20']:.4f} "
             f"test R@20 {metrics['test']['recall@20']:.4f} | train {t1 - t0:.2f}s eval {t2 - t1:.2f}s"
@@ -467,16 +473,14 @@ def saved_config(ckpt, path, cfg, mode):
     """The configuration of the run in checkpoint `ckpt` (read from `path`), with each flag of
     CHANGEABLE[mode] that the command line's `cfg` sets (to other than its default) taken from it."""
     saved = config_from_checkpoint(ckpt)
-    for part, given in ((saved.sand, cfg.sand), (saved.train, cfg.train)):
-        for f in dataclasses.fields(part):
-            value, old = getattr(given, f.name), getattr(part, f.name)
-            if value == f.default or value == old:
-                continue
-            if f.name not in CHANGEABLE[mode]:
-                others = ", ".join(flag(n) for n in CHANGEABLE[mode] if n != mode)
-                raise UsageError(f"{flag(f.name)} {value} differs from the run in {path} ({old}); {flag(mode)} keeps "
-                                 f"that run's settings except {others}: leave out {flag(f.name)}, or start a new run")
-            setattr(part, f.name, value)
+    for name, value in off_default(cfg).items():
+        part = saved.sand if hasattr(saved.sand, name) else saved.train
+        old = getattr(part, name)
+        if value != old and name not in CHANGEABLE[mode]:
+            others = ", ".join(flag(n) for n in CHANGEABLE[mode] if n != mode)
+            raise UsageError(f"{flag(name)} {value} differs from the run in {path} ({old}); {flag(mode)} keeps "
+                             f"that run's settings except {others}: leave out {flag(name)}, or start a new run")
+        setattr(part, name, value)
     return saved
 
 
@@ -499,10 +503,9 @@ def default_folder(cfg, grid=False):
     t = cfg.train
     name, named = ((f"ablation-{t.dataset}", ("dataset", "dist", "align", "club_fit", "seed")) if grid
                    else (f"{t.dataset}-{cfg.sand.dist}-seed{t.seed}", ("dataset", "dist", "seed")))
-    for part in (cfg.sand, cfg.train):
-        for f in dataclasses.fields(part):
-            if f.name not in NOT_IN_RESULTS + named and getattr(part, f.name) != f.default:
-                name += f"-{f.name}={getattr(part, f.name)}"
+    for setting, value in off_default(cfg).items():
+        if setting not in NOT_IN_RESULTS + named:
+            name += f"-{setting}={value}"
     return os.path.join("runs", name)
 
 
@@ -527,15 +530,14 @@ def run(cfg, log=print):
     out = t.out or default_folder(cfg)
     results, model, evaluator = train_one(cfg, ds, device, out, resume, log)
     if results["best_epoch"] is None:
-        log(f"no epoch finished: {out}/results.json holds no metrics")
-    else:
-        log(f"best epoch {results['best_epoch']}: test " + json.dumps(results["test"]))
+        unwritten = f", {t.topk_out} was not written" if t.topk_out else ""
+        log(f"no epoch finished: {out}/results.json holds no metrics{unwritten}")
+        return results
+    log(f"best epoch {results['best_epoch']}: test " + json.dumps(results["test"]))
     if "unique_info_r2" in results:
         log(format_r2(results["unique_info_r2"]))
-    if t.topk_out and results["best_epoch"] is not None:
+    if t.topk_out:
         write_topk_file(model, evaluator, t.topk_out)
-    elif t.topk_out:
-        log(f"no epoch finished, so {t.topk_out} was not written")
     return results
 
 
@@ -674,9 +676,9 @@ ONLY_WITH = {"ckpt": "eval_only", "seeds": "ablation"}  # flags that mean someth
 def check(cfg):
     """Every number of the configuration finite and within its option's range, no flag that would be
     ignored, no output path of the wrong kind (found out now, not after training), else a UsageError."""
-    t = cfg.train
+    t, given = cfg.train, off_default(cfg)
     for name, needed in ONLY_WITH.items():
-        if getattr(t, name) != TrainConfig.__dataclass_fields__[name].default and not getattr(t, needed):
+        if name in given and not getattr(t, needed):
             raise UsageError(f"{flag(name)} is read only with {flag(needed)}")
     for name in ("topk_out", "profile"):
         if t.ablation and getattr(t, name):
