@@ -677,12 +677,12 @@ def test_resume_continues_exactly(tmp_path):
     assert len(rows) == 5 and [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3", "4"]
 
 
-def tiny_folder(tmp_path):
-    """The tiny dataset written as an MMRec folder: tmp_path/data/tiny/."""
+def tiny_run(tmp_path, **kw):
+    """Settings of a quick run on the tiny dataset, written as an MMRec folder tmp_path/data/tiny/."""
     ds = tiny()
     ds.name = "tiny"
     data.write_mmrec(ds, str(tmp_path / "data"))
-    return str(tmp_path / "data")
+    return {"dataset": "tiny", "data_dir": str(tmp_path / "data"), "batch_size": 512, "club_steps": 2, **kw}
 
 
 TIMING = ("train_s_per_epoch", "eval_s_per_epoch", "peak_memory_gib")
@@ -694,7 +694,7 @@ TIMING = ("train_s_per_epoch", "eval_s_per_epoch", "peak_memory_gib")
     ({"lr": 1e-9}, {"patience": 0}, {"patience": 2}),  # a run that stopped early, extended by --patience
 ])
 def test_resume_with_more_epochs_or_patience_extends_a_run_exactly(tmp_path, common, part, more):
-    base = dict(dataset="tiny", data_dir=tiny_folder(tmp_path), batch_size=512, club_steps=5, epochs=4, **common)
+    base = tiny_run(tmp_path, club_steps=5, epochs=4, **common)
     quiet = lambda *_: None
     whole = train.run(run_cfg(**{**base, **more, "out": str(tmp_path / "whole")}), log=quiet)
     first = train.run(run_cfg(**{**base, **part, "out": str(tmp_path / "part")}), log=quiet)
@@ -708,7 +708,7 @@ def test_resume_with_more_epochs_or_patience_extends_a_run_exactly(tmp_path, com
 
 
 def test_an_interrupted_run_keeps_its_files_and_resumes_exactly(tmp_path, monkeypatch):
-    base = dict(dataset="tiny", data_dir=tiny_folder(tmp_path), batch_size=512, club_steps=5, epochs=4)
+    base = tiny_run(tmp_path, club_steps=5, epochs=4)
     whole = train.run(run_cfg(**base, out=str(tmp_path / "whole")), log=lambda *_: None)
     real, calls = train.train_epoch, []
 
@@ -733,8 +733,7 @@ def test_an_interrupted_run_keeps_its_files_and_resumes_exactly(tmp_path, monkey
 def test_a_new_run_in_a_used_folder_leaves_none_of_the_old_runs_files(tmp_path, monkeypatch):
     # an interrupted run must not leave its config.json beside an earlier run's results.json: the
     # ablation grid would read those results back as this configuration's
-    base = dict(dataset="tiny", data_dir=tiny_folder(tmp_path), batch_size=512, club_steps=2, epochs=1,
-                out=str(tmp_path / "run"))
+    base = tiny_run(tmp_path, epochs=1, out=str(tmp_path / "run"))
     train.run(run_cfg(**base), log=lambda *_: None)
     assert {p.name for p in (tmp_path / "run").iterdir()} >= {"results.json", "last.pt", "best.pt", "metrics.csv"}
 
@@ -760,8 +759,7 @@ def test_a_file_that_is_not_a_checkpoint_is_refused(tmp_path):
 
 def test_resume_and_eval_only_refuse_a_changed_setting(tmp_path):
     out = tmp_path / "run"
-    train.run(run_cfg(dataset="tiny", data_dir=tiny_folder(tmp_path), batch_size=512, club_steps=2, epochs=1,
-                      out=str(out)), log=lambda *_: None)
+    train.run(run_cfg(**tiny_run(tmp_path, epochs=1, out=str(out))), log=lambda *_: None)
     last, best = str(out / "last.pt"), str(out / "best.pt")
     with pytest.raises(train.UsageError, match=re.escape(f"--lr 0.5 differs from the run in {last} (0.0001); "
                                                          "--resume keeps that run's settings except --epochs")):
@@ -792,8 +790,7 @@ def test_a_diverging_run_stops_cleanly(tmp_path):
     # lr 1e30 sends the weights to inf in the first steps: the run stops, writes its files, and
     # neither the planted-factor diagnostic nor --topk-out touches the diverged weights
     lines = []
-    cfg = run_cfg(dataset="tiny", data_dir=tiny_folder(tmp_path), epochs=3, batch_size=512, club_steps=2, lr=1e30,
-                  out=str(tmp_path / "run"), topk_out=str(tmp_path / "top.tsv"))
+    cfg = run_cfg(**tiny_run(tmp_path, epochs=3, lr=1e30, out=str(tmp_path / "run"), topk_out=str(tmp_path / "top.tsv")))
     results = train.run(cfg, log=lines.append)
     assert results["best_epoch"] is None and results["test"] is None and results["epochs_run"] == 0
     assert any(line.startswith("epoch 1: a loss is not finite") and line.endswith("no epoch finished") for line in lines)
@@ -1002,8 +999,7 @@ def test_cuda_evaluation_matches_cpu():
 @needs_cuda
 def test_cuda_run_profiles_checkpoints_and_resumes(tmp_path):
     lines = []
-    cfg = run_cfg(dataset="tiny", data_dir=tiny_folder(tmp_path), device="cuda", epochs=2, batch_size=512,
-                  club_steps=5, profile=True, out=str(tmp_path / "run"))
+    cfg = run_cfg(**tiny_run(tmp_path, device="cuda", epochs=2, club_steps=5, profile=True, out=str(tmp_path / "run")))
     first = train.run(cfg, log=lines.append)
     assert first["epochs_run"] == 2 and math.isfinite(first["test"]["recall@20"]) and first["peak_memory_gib"] > 0
     assert sum(line.startswith("  profile: sample") for line in lines) == 2
