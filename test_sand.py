@@ -607,6 +607,7 @@ def test_optimizers_are_separate():
     user, pos, neg = (torch.from_numpy(ds.train[:200, i]) for i in (0, 1, 1))
     loss, _, pairs = model.loss(user, pos, neg, club, torch.Generator().manual_seed(0))
     loss.backward()
+    assert all(p.grad is None for p in club.parameters())  # the model's backward does no work for the estimator
     before_model = [p.detach().clone() for p in model.parameters()]
     before_club = [p.detach().clone() for p in club.parameters()]
     fit_club(club, club_opt, *pairs, 5)  # the estimator's steps leave the model untouched
@@ -980,9 +981,45 @@ def test_cuda_loss_gradients_estimator_and_graphs_match_cpu():
         got[name] = {"loss": loss.detach(), "item_item": model.item_item.to_dense(), "nll": nll,
                      **{f"grad {n}": p.grad for n, p in model.named_parameters()},
                      **{f"club {n}": p.detach() for n, p in club.named_parameters()}}
+    bad = []  # every mismatch, not only the first
     for key, want in got["cpu"].items():
         have = got["cuda"][key].cpu()
-        torch.testing.assert_close(have, want, rtol=1e-3, atol=1e-5 * float(want.abs().max()) + 1e-12, msg=key)
+        if key.startswith("grad head") and key.endswith(("first.bias", "rest.2.bias")):
+            # a bias right before a BatchNorm: its exact gradient is 0, both devices give rounding noise
+            scale = float(got["cpu"][key.replace("bias", "weight")].abs().max())  # its layer's weight gradient
+            if max(float(have.abs().max()), float(want.abs().max())) >= 1e-5 * scale:
+                bad.append(f"{key}: {float(have.abs().max()):.3g} and {float(want.abs().max()):.3g} are not ~0")
+            continue
+        try:
+            torch.testing.assert_close(have, want, rtol=1e-3, atol=1e-5 * float(want.abs().max()) + 1e-12)
+        except AssertionError as e:
+            bad.append(f"{key}: {e}")
+    assert not bad, "\n".join(bad)
+
+
+@needs_cuda
+def test_cuda_graph_of_the_estimator_steps_equals_fit_club():
+    device, got = torch.device("cuda"), {}
+    for graphed in (False, True):
+        torch.manual_seed(0)
+        club = CLUB(8, 4).to(device).requires_grad_(False)
+        opt = torch.optim.Adam(club.parameters(), lr=1e-2, fused=True)
+        estimator = train.EstimatorSteps(club, opt, 7, device)
+        assert estimator.graphed
+        gen = torch.Generator().manual_seed(1)
+        nll = []
+        for _ in range(4):  # run directly, record and replay, replay, replay: new pairs each time
+            x = torch.randn(50, 8, generator=gen)
+            x, y = x.to(device), (x.flip(1) + 0.3 * torch.randn(50, 8, generator=gen)).to(device)
+            nll.append(estimator(x, y) if graphed else fit_club(club, opt, x, y, 7))
+        state = opt.state_dict()["state"]
+        got[graphed] = {"nll": torch.stack(nll), **{f"club {n}": p for n, p in club.named_parameters()},
+                        **{f"adam {i} {k}": v for i, s in state.items() for k, v in s.items()}}
+    assert estimator.graph is not None and not any(g["capturable"] for g in opt.param_groups)
+    assert float(got[True]["adam 0 step"]) == 4 * 7
+    assert not torch.equal(got[True]["nll"][2], got[True]["nll"][3])  # replays see the new pairs
+    for key, want in got[False].items():
+        torch.testing.assert_close(got[True][key], want, msg=key)
 
 
 @needs_cuda

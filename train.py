@@ -259,7 +259,8 @@ def build(cfg, ds, device, seed):
     graph = item_graph(features["image"].to(device), features["text"].to(device), cfg.sand.knn_k,
                        cfg.sand.image_weight)
     model = SAND(cfg.sand, ds.n_users, features, adjacency, graph).to(device)
-    club = CLUB(cfg.sand.dist_dim, cfg.sand.club_hidden).to(device)
+    # fitted by fit_club's own gradients only: the model's backward computes none for the estimator
+    club = CLUB(cfg.sand.dist_dim, cfg.sand.club_hidden).to(device).requires_grad_(False)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, fused=True)
     club_opt = torch.optim.Adam(club.parameters(), lr=cfg.train.lr, fused=True)
     return model, club, opt, club_opt
@@ -305,7 +306,40 @@ class Timer:
 # ---------------------------------------------------------------------------------------------
 # Training
 
-def train_epoch(model, club, opt, club_opt, sampler, cfg, timer):
+class EstimatorSteps:
+    """The CLUB estimator's steps for one batch: fit_club(club, optimizer, x, y, steps). On a GPU, the
+    second call records fit_club's kernels (about 40 per step, 2000 per batch) once as a CUDA graph,
+    and every later call copies x and y into the graph's input buffers and replays it: the same kernels
+    on the same memory, so the same numbers, without launching 2000 kernels one by one from Python.
+    The first call runs fit_club directly, which also makes Adam's state that the graph updates."""
+
+    def __init__(self, club, optimizer, steps, device):
+        self.club, self.optimizer, self.steps = club, optimizer, steps
+        self.graphed = device.type == "cuda" and steps > 0
+        self.calls, self.graph = 0, None
+
+    def __call__(self, x, y):
+        self.calls += 1
+        if not self.graphed or self.calls == 1:
+            return fit_club(self.club, self.optimizer, x, y, self.steps)
+        if self.graph is None:  # record (capture runs nothing), then replay below
+            self.x, self.y = x.detach().clone(), y.detach().clone()  # the graph's inputs, fixed addresses
+            self.graph = torch.cuda.CUDAGraph()
+            groups = self.optimizer.param_groups
+            for g in groups:  # capture asks for it; fused Adam computes the same either way
+                g["capturable"] = True
+            with torch.cuda.graph(self.graph):
+                self.nll = fit_club(self.club, self.optimizer, self.x, self.y, self.steps)
+            for g in groups:
+                g["capturable"] = False
+        else:
+            self.x.copy_(x)
+            self.y.copy_(y)
+        self.graph.replay()
+        return self.nll.clone()  # the next replay overwrites self.nll
+
+
+def train_epoch(model, club, estimator, opt, sampler, cfg, timer):
     """One pass over the train interactions; returns the mean of each loss term."""
     model.train()
     sums = {}
@@ -318,7 +352,7 @@ def train_epoch(model, club, opt, club_opt, sampler, cfg, timer):
         loss.backward()
         timer.lap("backward")
         if pairs is not None:  # the estimator's own steps, after the model's backward, before its step
-            terms["club_nll"] = fit_club(club, club_opt, *pairs, cfg.sand.club_steps)
+            terms["club_nll"] = estimator(*pairs)
             timer.lap("estimator")
         opt.step()
         timer.lap("optimizer")
@@ -367,6 +401,7 @@ def fit(cfg, ds, device, out, resume=None, log=print):
     gen = torch.Generator(device=device).manual_seed(cfg.train.seed)
     sampler = BPRSampler(torch.from_numpy(ds.train).to(device), ds.n_items, gen)
     evaluator = make_evaluator(ds, device)
+    estimator = EstimatorSteps(club, club_opt, cfg.sand.club_steps, device)
     if resume is None:
         state = {"epoch": 0, "best_score": -1.0, "bad_epochs": 0, "best_epoch": None, "best": None,
                  "history": [], "stopped": False, "unique_info_r2_init": ds.factors and unique_info(model, ds.factors)}
@@ -395,7 +430,7 @@ def fit(cfg, ds, device, out, resume=None, log=print):
         epoch = state["epoch"] + 1
         timer = Timer(device, cfg.train.profile)
         t0 = time.perf_counter()
-        terms = train_epoch(model, club, opt, club_opt, sampler, cfg, timer)
+        terms = train_epoch(model, club, estimator, opt, sampler, cfg, timer)
         t1 = time.perf_counter()
         if not all(math.isfinite(v) for v in terms.values()):
             log(f"epoch {epoch}: a loss is not finite ({terms}); stopping, "
