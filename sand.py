@@ -197,12 +197,17 @@ class CLUB(nn.Module):
     """CLUB, a sampled upper bound of the mutual information I(x; y) (Cheng et al., ICML 2020),
     SAND's distancing term (paper v1, Eq. 13). A variational q(y|x) = N(mu(x), exp(logvar(x))):
         bound = max(0, 1/(2N) sum_k [log q(y_k | x_k) - log q(y_pi(k) | x_k)]),  pi a permutation.
-    The model minimises the bound; q is fitted separately by maximum likelihood (fit_club)."""
+    The model minimises the bound; q is fitted separately by maximum likelihood (fit_club), so the
+    bound's gradient reaches x and y only, never q's parameters."""
 
     def __init__(self, dim, hidden):
         super().__init__()
         self.mu = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, dim))
         self.logvar = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, dim), nn.Tanh())
+
+    def weights(self):
+        """[w1, b1, w2, b2] of mu's Linears, then [w3, b3, w4, b4] of logvar's."""
+        return [p for lin in (self.mu[0], self.mu[2], self.logvar[0], self.logvar[2]) for p in (lin.weight, lin.bias)]
 
     @staticmethod
     def log_q(mu, logvar, y):
@@ -210,13 +215,61 @@ class CLUB(nn.Module):
         return (-(mu - y) ** 2 / logvar.exp() / 2 - logvar / 2).sum(dim=1)
 
     def forward(self, x, y, perm):
-        mu, logvar = self.mu(x), self.logvar(x)  # [N, D] each
-        bound = (self.log_q(mu, logvar, y) - self.log_q(mu, logvar, y[perm])).mean()
-        return torch.clamp(bound / 2, min=0.0)
+        """x, y [..., N, D], perm [..., N] -> the bound of each set of N pairs [...]. A leading dimension
+        runs independent sets (SAND: one per modality) through one pass. In plain torch, per set:
+            mu, logvar = self.mu(x), self.logvar(x)
+            clamp((log_q(mu, logvar, y) - log_q(mu, logvar, y[perm])).mean() / 2, min=0)
+        computed by _CLUBBound, with its gradient written out."""
+        return _CLUBBound.apply(x, y, perm, *[w.detach() for w in self.weights()])
 
     def nll(self, x, y):
         """The estimator's own training loss: -mean log q(y|x)."""
         return -self.log_q(self.mu(x), self.logvar(x), y).mean()
+
+
+def _club_networks(x, w1, b1, w2, b2, w3, b3, w4, b4):
+    """CLUB's mu and logvar networks on x [M, D], both first layers in one matmul
+    -> h [M, 2 hid] (the hidden layers after ReLU: mu's, then logvar's), mu [M, D], logvar [M, D]."""
+    hid = w1.shape[0]
+    h = torch.addmm(torch.cat([b1, b3]), x, torch.cat([w1, w3]).T).relu_()  # [M, 2 hid]
+    mu = torch.addmm(b2, h[:, :hid], w2.T)  # [M, D]
+    logvar = torch.addmm(b4, h[:, hid:], w4.T).tanh_()  # [M, D]
+    return h, mu, logvar
+
+
+class _CLUBBound(torch.autograd.Function):
+    """CLUB.forward with its gradient written out, for x and y (q's weights are constants here). The
+    log-variances of the two log-likelihoods cancel, so with r = mu - y, r' = mu - y_pi, e = exp(-logvar),
+    per set:  S = sum_k,d (r'^2 - r^2) e,  bound = max(0, S / (4N)), and where S >= 0:
+        dbound/dmu = (r' - r) e / (2N),  dbound/dy = r e / (2N),  dbound/dy_pi = -r' e / (2N),
+        dbound/dlogvar = -(r'^2 - r^2) e / (4N),  then back through tanh, Linear, ReLU, Linear to x.
+    A third of the operators that autograd runs for the plain formula (CLUB.forward's docstring)."""
+
+    @staticmethod
+    def forward(ctx, x, y, perm, *weights):
+        n, d = y.shape[-2:]
+        h, mu, logvar = _club_networks(x.reshape(-1, d), *weights)  # [S N, 2 hid], [S N, D] x 2
+        mu, logvar = mu.view(y.shape), logvar.view(y.shape)  # [..., N, D]
+        e = logvar.neg().exp_()  # [..., N, D]
+        index = perm[..., None].expand(y.shape)  # [..., N, D]
+        r, r_pi = mu - y, mu - y.gather(-2, index)  # [..., N, D]
+        q = (r_pi * r_pi - r * r).mul_(e)  # [..., N, D]
+        total = q.sum((-2, -1))  # [...]: S
+        ctx.save_for_backward(h, logvar, e, r, r_pi, q, index, total, *weights)
+        return total.clamp(min=0) / (4 * n)
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, logvar, e, r, r_pi, q, index, total, *weights = ctx.saved_tensors
+        w1, _, w2, _, w3, _, w4, _ = weights
+        n, d = r.shape[-2:]
+        c = (grad * (total >= 0) / (2 * n))[..., None, None]  # [..., 1, 1]; clamp's gradient passes at 0
+        re, re_pi = r * e * c, r_pi * e * c  # [..., N, D]
+        g_y = re.scatter_add(-2, index, -re_pi)  # [..., N, D]: r e, and -r' e at row pi(k)
+        g_pre = q.mul(c).mul_(torch.addcmul(logvar.new_full((), -0.5), logvar, logvar, value=0.5))  # before tanh
+        g_h = torch.cat([(re_pi - re).view(-1, d) @ w2, g_pre.view(-1, d) @ w4], dim=1).mul_(h > 0)  # [S N, 2 hid]
+        g_x = (g_h @ torch.cat([w1, w3])).view(r.shape)  # [..., N, D]
+        return g_x, g_y, None, *[None] * 8
 
 
 def fit_club(club, optimizer, x, y, steps):
@@ -230,16 +283,15 @@ def fit_club(club, optimizer, x, y, steps):
     if steps == 0:  # no step: the estimator's nll as it stands
         with torch.no_grad():
             return club.nll(x, y)
-    (w1, b1), (w2, b2) = [(lin.weight, lin.bias) for lin in (club.mu[0], club.mu[2])]
-    (w3, b3), (w4, b4) = [(lin.weight, lin.bias) for lin in (club.logvar[0], club.logvar[2])]
+    weights = club.weights()
+    w1, b1, w2, b2, w3, b3, w4, b4 = weights
     n, hid = x.shape[0], w1.shape[0]
     one, half = x.new_ones(()), x.new_full((), 0.5)
     for _ in range(steps):
         with torch.no_grad():
-            h = torch.addmm(torch.cat([b1, b3]), x, torch.cat([w1, w3]).T).relu_()  # [N, 2 hid]: both first layers
+            h, mu, logvar = _club_networks(x, *weights)  # [N, 2 hid], [N, D], [N, D]
             h_mu, h_lv = h[:, :hid], h[:, hid:]
-            r = torch.addmm(b2, h_mu, w2.T).sub_(y)  # [N, D]: mu - y
-            logvar = torch.addmm(b4, h_lv, w4.T).tanh_()  # [N, D]
+            r = mu.sub_(y)  # [N, D]: mu - y
             re = logvar.neg().exp_().mul_(r)  # [N, D]: r e = N dnll/dmu
             g_lv = torch.addcmul(one, r, re, value=-1)  # [N, D]: 1 - r^2 e
             g_lv.mul_(torch.addcmul(half, logvar, logvar, value=-0.5))  # times (1 - logvar^2) / 2: N dnll/d(pre-tanh)
@@ -248,7 +300,7 @@ def fit_club(club, optimizer, x, y, steps):
             g_w13 = (x.T @ g_h).T / n  # [2 hid, D]
             grads = (g_w13[:hid], g_h[:, :hid].sum(0) / n, (h_mu.T @ re).T / n, re.sum(0) / n,
                      g_w13[hid:], g_h[:, hid:].sum(0) / n, (h_lv.T @ g_lv).T / n, g_lv.sum(0) / n)
-        for p, g in zip((w1, b1, w2, b2, w3, b3, w4, b4), grads):
+        for p, g in zip(weights, grads):
             p.grad = g.contiguous()  # the parameter's layout, as autograd gives it
         optimizer.step()
     return ((r * re + logvar).sum(1) / 2).mean()  # the last step's nll (before its update)
@@ -371,8 +423,9 @@ class SAND(nn.Module):
             terms["solo"] = solo_sim_loss(t["z"], v["z"], cfg.tau)
         if cfg.dist == "mi":  # text first, then image, as released
             n = items.shape[0]
-            terms["club"] = sum(club(p["a"], p["b"], torch.randperm(n, generator=generator, device=user.device))
-                                for p in (t, v)) / 2
+            perms = torch.stack([torch.randperm(n, generator=generator, device=user.device) for _ in (t, v)])  # [2, I]
+            a, b = torch.stack([t["a"], v["a"]]), torch.stack([t["b"], v["b"]])  # [2, I, 32] each
+            terms["club"] = club(a, b, perms).mean()  # both modalities in one pass: [2] -> mean
             if cfg.club_fit == "cross":  # q(a_image | a_text) and q(b_image | b_text), as released
                 pairs = (torch.cat([t["a"], t["b"]]), torch.cat([v["a"], v["b"]]))
             else:  # q(b_m | a_m), the pairs the bound is applied to (the paper)

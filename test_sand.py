@@ -495,22 +495,55 @@ def test_neg_l2_sign_and_gradient():
         assert float(neg_l2(a - 0.1 * a.grad, b)) < float(loss)
 
 
+def plain_club_bound(club, x, y, perm):
+    """CLUB's bound for one set of pairs by the plain formula, through autograd."""
+    mu, logvar = club.mu(x), club.logvar(x)
+    log_q, log_q_perm = [(-0.5 * (yy - mu) ** 2 / logvar.exp() - 0.5 * logvar).sum(1) for yy in (y, y[perm])]
+    return torch.clamp((log_q - log_q_perm).mean() / 2, min=0)
+
+
 def test_club_bound_matches_formula():
     torch.manual_seed(0)
     club = CLUB(6, 4).double()
     x, y = torch.randn(30, 6, dtype=torch.float64), torch.randn(30, 6, dtype=torch.float64)
     with torch.no_grad():
         mu, logvar = club.mu(x), club.logvar(x)
-
-        def log_normal(yy):  # log N(y; mu, exp(logvar)) without its 2 pi constant
-            return (-0.5 * (yy - mu) ** 2 / logvar.exp() - 0.5 * logvar).sum(1)
         raw = []
         for seed in (0, 1):  # permutations that give a positive and a negative (clamped) bound
             perm = torch.randperm(30, generator=torch.Generator().manual_seed(seed))
-            raw.append(float((log_normal(y) - log_normal(y[perm])).mean()) / 2)
-            assert float(club(x, y, perm)) == pytest.approx(max(0.0, raw[-1]))
+            lq, lq_perm = [(-(yy - mu) ** 2 / (2 * logvar.exp()) - logvar / 2).sum(1) for yy in (y, y[perm])]
+            raw.append(float((lq - lq_perm).mean()) / 2)
+            assert float(club(x, y, perm)) == pytest.approx(max(0.0, raw[-1]), rel=1e-12)
         assert raw[0] > 0 > raw[1]
-        assert float(club.nll(x, y)) == pytest.approx(-float(log_normal(y).mean()))
+        assert float(club.nll(x, y)) == pytest.approx(-float(lq.mean()))
+
+
+def test_club_bound_gradient_matches_autograd():
+    """Sets of pairs in one call (as SAND runs its two modalities): each set's bound and the
+    gradients for x and y equal the plain formula's, set by set, clamped sets included."""
+    torch.manual_seed(1)
+    club = CLUB(5, 3).double()
+    with torch.no_grad():  # off its trivial start, so that bounds are not all near 0
+        for p in club.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    x = torch.randn(4, 40, 5, dtype=torch.float64, requires_grad=True)
+    perms = torch.stack([torch.randperm(40, generator=torch.Generator().manual_seed(s)) for s in range(4)])
+    with torch.no_grad():  # y near mu(x): positive bounds; but set 2 has y_pi(k) = mu(x_k): negative, clamped at 0
+        y = club.mu(x) + 0.1 * torch.randn(4, 40, 5, dtype=torch.float64)
+        y[2, perms[2]] = club.mu(x[2])
+    y.requires_grad_()
+    upstream = torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=torch.float64)  # a different weight per set
+    got = club(x, y, perms)  # [4]
+    (got * upstream).sum().backward()
+    g_got = x.grad, y.grad
+    assert all(p.grad is None for p in club.parameters())  # q is fitted by fit_club, never by the bound
+    want = torch.stack([plain_club_bound(club, x[s], y[s], perms[s]) for s in range(4)])
+    g_want = torch.autograd.grad((want * upstream).sum(), (x, y))
+    assert float(got[2]) == 0 and bool((got[[0, 1, 3]] > 0).all())
+    torch.testing.assert_close(got, want)
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b)
+    assert float(g_got[0][2].abs().max()) == 0 == float(g_got[1][2].abs().max())  # no gradient from set 2
 
 
 def test_club_detects_dependence():
@@ -566,8 +599,9 @@ def plain_loss(model, club, user, pos, neg, generator):
         loss = loss + cfg.alpha * -F.log_softmax(logits, 1).diagonal().mean()
     if cfg.dist == "mi":
         n = items.shape[0]
-        loss = loss + cfg.ureg * sum(club(aux[m][1], aux[m][2], torch.randperm(n, generator=generator))
-                                     for m in ("text", "image")) / 2
+        perms = [torch.randperm(n, generator=generator) for _ in range(2)]  # text first, then image
+        loss = loss + cfg.ureg * sum(plain_club_bound(club, aux[m][1], aux[m][2], perm)
+                                     for m, perm in zip(("text", "image"), perms)) / 2
     if cfg.dist == "l2":
         loss = loss + cfg.w_l2 * -sum(((aux[m][1] - aux[m][2]) ** 2).mean() for m in MODALITIES) / 2
     return loss
