@@ -1032,6 +1032,27 @@ def test_cuda_loss_gradients_estimator_and_graphs_match_cpu():
 
 
 @needs_cuda
+def test_cuda_club_bound_matches_cpu():
+    """The CLUB bound and its gradients on the GPU (the model test above runs --dist l2, whose loss
+    draws no permutation; here both devices get the same permutations)."""
+    torch.manual_seed(0)
+    club = CLUB(32, 8).requires_grad_(False)
+    x = torch.randn(2, 600, 32)
+    with torch.no_grad():  # y near mu(x): both bounds positive, so gradients flow
+        y = club.mu(x) + 0.1 * torch.randn(2, 600, 32)
+    perms = torch.stack([torch.randperm(600) for _ in range(2)])
+    got = {}
+    for name in ("cpu", "cuda"):
+        xd, yd = x.to(name).requires_grad_(), y.to(name).requires_grad_()
+        bound = club.to(name)(xd, yd, perms.to(name))  # [2]
+        (bound * torch.tensor([1.0, 2.0], device=name)).sum().backward()
+        got[name] = {"bound": bound.detach().cpu(), "x grad": xd.grad.cpu(), "y grad": yd.grad.cpu()}
+    assert bool((got["cpu"]["bound"] > 0).all())
+    for key, want in got["cpu"].items():
+        torch.testing.assert_close(got["cuda"][key], want, rtol=1e-4, atol=1e-6 * float(want.abs().max()), msg=key)
+
+
+@needs_cuda
 def test_cuda_graph_of_the_estimator_steps_equals_fit_club():
     device, got = torch.device("cuda"), {}
     for graphed in (False, True):
