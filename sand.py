@@ -255,13 +255,12 @@ class _CLUBBound(torch.autograd.Function):
         r, r_pi = mu - y, mu - y.gather(-2, index)  # [..., N, D]
         q = (r_pi * r_pi - r * r).mul_(e)  # [..., N, D]
         total = q.sum((-2, -1))  # [...]: S
-        ctx.save_for_backward(h, logvar, e, r, r_pi, q, index, total, *weights)
+        ctx.save_for_backward(h, logvar, e, r, r_pi, q, index, total, *weights[::2])  # weights, not biases
         return total.clamp(min=0) / (4 * n)
 
     @staticmethod
     def backward(ctx, grad):
-        h, logvar, e, r, r_pi, q, index, total, *weights = ctx.saved_tensors
-        w1, _, w2, _, w3, _, w4, _ = weights
+        h, logvar, e, r, r_pi, q, index, total, w1, w2, w3, w4 = ctx.saved_tensors
         n, d = r.shape[-2:]
         c = (grad * (total >= 0) / (2 * n))[..., None, None]  # [..., 1, 1]; clamp's gradient passes at 0
         re, re_pi = r * e * c, r_pi * e * c  # [..., N, D]
@@ -284,8 +283,8 @@ def fit_club(club, optimizer, x, y, steps):
         with torch.no_grad():
             return club.nll(x, y)
     weights = club.weights()
-    w1, b1, w2, b2, w3, b3, w4, b4 = weights
-    n, hid = x.shape[0], w1.shape[0]
+    w2, w4 = weights[2], weights[6]  # the second layers' weights [D, hid], for the backward
+    n, hid = x.shape[0], w2.shape[1]
     one, half = x.new_ones(()), x.new_full((), 0.5)
     for _ in range(steps):
         with torch.no_grad():
@@ -429,7 +428,7 @@ class SAND(nn.Module):
             if cfg.club_fit == "cross":  # q(a_image | a_text) and q(b_image | b_text), as released
                 pairs = (torch.cat([t["a"], t["b"]]), torch.cat([v["a"], v["b"]]))
             else:  # q(b_m | a_m), the pairs the bound is applied to (the paper)
-                pairs = (torch.cat([t["a"], v["a"]]), torch.cat([t["b"], v["b"]]))
+                pairs = (a.flatten(0, 1), b.flatten(0, 1))  # [2 I, 32] each: text rows, then image
         elif cfg.dist == "l2":
             terms["neg_l2"] = sum(neg_l2(p["a"], p["b"]) for p in (t, v)) / 2
         weight = {"bpr": 1.0, "solo": cfg.alpha, "club": cfg.ureg, "neg_l2": cfg.w_l2}
