@@ -406,11 +406,12 @@ class SAND(nn.Module):
         items = items + _SparseMM.apply(self.item_item, self.item_item_t, items)  # [I, 128]; S is constant
         return users, items, aux
 
-    def loss(self, user, pos, neg, club, generator=None):
+    def loss(self, user, pos, neg, club, perms=None):
         """Training loss for one BPR batch, the paper's total objective as released:
             L = BPR + alpha * SoloSim + (ureg * CLUB  or  w_l2 * negL2), distancing averaged over modalities.
         Returns (loss, {term: value}, pairs the CLUB estimator is fitted on or None).
-        generator: draws the CLUB bound's random permutations."""
+        perms [2, I]: the CLUB bound's random permutations of the items, text's then image's (--dist mi;
+        drawn from torch's global generator if not given; train.py's sampler draws them)."""
         cfg = self.cfg
         users, items, aux = self(parts=True)
         # rows by F.embedding, not users[user]: a gather's backward adds with atomics on CPU (not repeatable)
@@ -421,8 +422,8 @@ class SAND(nn.Module):
         if cfg.align == "solo":
             terms["solo"] = solo_sim_loss(t["z"], v["z"], cfg.tau)
         if cfg.dist == "mi":  # text first, then image, as released
-            n = items.shape[0]
-            perms = torch.stack([torch.randperm(n, generator=generator, device=user.device) for _ in (t, v)])  # [2, I]
+            if perms is None:
+                perms = torch.stack([torch.randperm(items.shape[0], device=user.device) for _ in (t, v)])  # [2, I]
             a, b = torch.stack([t["a"], v["a"]]), torch.stack([t["b"], v["b"]])  # [2, I, 32] each
             terms["club"] = club(a, b, perms).mean()  # both modalities in one pass: [2] -> mean
             if cfg.club_fit == "cross":  # q(a_image | a_text) and q(b_image | b_text), as released

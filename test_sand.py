@@ -242,6 +242,23 @@ def test_sampler_covers_each_pair_once_and_never_yields_a_train_positive():
     assert len(set(neg)) > len(train_items) // 2  # spread over the train items, not a few
 
 
+def test_sampler_draws_each_batchs_permutations_after_the_epochs_negatives():
+    ds = tiny()
+    plain, with_perms = (train.BPRSampler(torch.from_numpy(ds.train), ds.n_items, torch.Generator().manual_seed(3))
+                         for _ in range(2))
+    batches, more = plain.epoch(128), with_perms.epoch(128, 2)
+    assert all(len(b) == 3 for b in batches) and all(len(b) == 4 for b in more)
+    for b, m in zip(batches, more):
+        assert all(torch.equal(x, y) for x, y in zip(b, m[:3]))  # the same batches
+    perms = torch.stack([m[3] for m in more])  # [n_batches, 2, I]
+    assert perms.shape == (len(batches), 2, ds.n_items)
+    assert torch.equal(perms.sort(-1).values, torch.arange(ds.n_items).expand_as(perms))  # permutations
+    assert len({tuple(p) for p in perms.flatten(0, 1).tolist()}) == 2 * len(batches)  # all different
+    # drawn batch by batch after the epoch's negatives: the order in which the model drew them itself
+    after = torch.stack([torch.randperm(ds.n_items, generator=plain.gen) for _ in range(2 * len(batches))])
+    assert torch.equal(perms.flatten(0, 1), after)
+
+
 def test_sampler_refuses_a_user_with_no_possible_negative():
     train_p = torch.tensor([[0, 0], [0, 1], [0, 2], [1, 0], [2, 2]])  # user 0 has every train item
     with pytest.raises(data.DataError, match="user 0 has a train interaction with every item"):
@@ -539,7 +556,7 @@ def test_club_bound_gradient_matches_autograd():
     assert all(p.grad is None for p in club.parameters())  # q is fitted by fit_club, never by the bound
     want = torch.stack([plain_club_bound(club, x[s], y[s], perms[s]) for s in range(4)])
     g_want = torch.autograd.grad((want * upstream).sum(), (x, y))
-    assert float(got[2]) == 0 and bool((got[[0, 1, 3]] > 0).all())
+    assert float(got[2].detach()) == 0 and bool((got[[0, 1, 3]] > 0).all())
     torch.testing.assert_close(got, want)
     for a, b in zip(g_got, g_want):
         torch.testing.assert_close(a, b)
@@ -572,7 +589,7 @@ def small_model(dist="mi", align="solo", seed=0, **kw):
     return ds, cfg, model, club, opt, club_opt
 
 
-def plain_loss(model, club, user, pos, neg, generator):
+def plain_loss(model, club, user, pos, neg, perms):
     """The model as SAND.md writes it: X_m formed explicitly, dense graphs, direct formulas."""
     cfg, U = model.cfg, model.n_users
     h0, aux = [], {}
@@ -598,8 +615,6 @@ def plain_loss(model, club, user, pos, neg, generator):
         logits = aux["text"][0] @ aux["image"][0].T / cfg.tau
         loss = loss + cfg.alpha * -F.log_softmax(logits, 1).diagonal().mean()
     if cfg.dist == "mi":
-        n = items.shape[0]
-        perms = [torch.randperm(n, generator=generator) for _ in range(2)]  # text first, then image
         loss = loss + cfg.ureg * sum(plain_club_bound(club, aux[m][1], aux[m][2], perm)
                                      for m, perm in zip(("text", "image"), perms)) / 2
     if cfg.dist == "l2":
@@ -616,8 +631,9 @@ def test_fast_path_equals_plain_formulation(dist, align):
     user, pos, neg = (torch.from_numpy(ds.train[:300, 0]), torch.from_numpy(ds.train[:300, 1]),
                       torch.randint(ds.n_items, (300,)))
     params = list(model.parameters())
-    fast, terms, _ = model.loss(user, pos, neg, club, torch.Generator().manual_seed(5))
-    plain = plain_loss(model, club, user, pos, neg, torch.Generator().manual_seed(5))
+    perms = torch.stack([torch.randperm(ds.n_items) for _ in range(2)])  # text's, then image's
+    fast, terms, _ = model.loss(user, pos, neg, club, perms)
+    plain = plain_loss(model, club, user, pos, neg, perms)
     torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-6)
     g_fast = torch.autograd.grad(fast, params, allow_unused=True)
     g_plain = torch.autograd.grad(plain, params, allow_unused=True)
@@ -639,7 +655,7 @@ def test_optimizers_are_separate():
     club_ids = {id(p) for g in club_opt.param_groups for p in g["params"]}
     assert not model_ids & club_ids and club_ids == {id(p) for p in club.parameters()}
     user, pos, neg = (torch.from_numpy(ds.train[:200, i]) for i in (0, 1, 1))
-    loss, _, pairs = model.loss(user, pos, neg, club, torch.Generator().manual_seed(0))
+    loss, _, pairs = model.loss(user, pos, neg, club)
     loss.backward()
     assert all(p.grad is None for p in club.parameters())  # the model's backward does no work for the estimator
     before_model = [p.detach().clone() for p in model.parameters()]
@@ -658,7 +674,7 @@ def test_club_fit_pairs_cross_and_intra():
                       ("intra", (("text", "a"), ("image", "a"), ("text", "b"), ("image", "b")))):
         ds, cfg, model, club, *_ = small_model("mi", club_fit=fit)
         user = torch.from_numpy(ds.train[:10, 0])
-        _, _, pairs = model.loss(user, user, user, club, torch.Generator().manual_seed(0))
+        _, _, pairs = model.loss(user, user, user, club)
         _, _, aux = model()
         x = torch.cat([aux[want[0][0]][want[0][1]], aux[want[1][0]][want[1][1]]])
         y = torch.cat([aux[want[2][0]][want[2][1]], aux[want[3][0]][want[3][1]]])
@@ -692,8 +708,8 @@ def test_training_step_is_bitwise_deterministic_on_cpu():
     for _ in range(4):
         model, club, _, _ = train.build(run_cfg(), ds, torch.device("cpu"), 0)
         gen = torch.Generator().manual_seed(0)
-        user, pos, neg = train.BPRSampler(torch.from_numpy(ds.train), ds.n_items, gen).epoch(2048)[0]
-        loss, _, _ = model.loss(user, pos, neg, club, gen)
+        user, pos, neg, perms = train.BPRSampler(torch.from_numpy(ds.train), ds.n_items, gen).epoch(2048, 2)[0]
+        loss, _, _ = model.loss(user, pos, neg, club, perms)
         loss.backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
     assert all(torch.equal(g, grads[0]) for g in grads[1:])

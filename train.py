@@ -90,12 +90,18 @@ class BPRSampler:
                 return neg
             neg[todo] = draw(len(todo))
 
-    def epoch(self, batch_size):
-        """-> list of (users, positives, negatives) batches, [B] each."""
+    def epoch(self, batch_size, n_perms=0):
+        """-> list of (users, positives, negatives) batches, [B] each. With n_perms, each batch also
+        carries n_perms random permutations of all items [n_perms, I] (the CLUB bound's, one per
+        modality): everything random in an epoch is drawn here, from one generator."""
         order = torch.randperm(len(self.pairs), generator=self.gen, device=self.pairs.device)
         user, pos = self.pairs[order].unbind(1)
         neg = self.negatives(user)
-        return list(zip(user.split(batch_size), pos.split(batch_size), neg.split(batch_size)))
+        batches = list(zip(user.split(batch_size), pos.split(batch_size), neg.split(batch_size)))
+        if n_perms:
+            perm = lambda: torch.randperm(self.n_items, generator=self.gen, device=user.device)  # [I]
+            batches = [b + (torch.stack([perm() for _ in range(n_perms)]),) for b in batches]
+        return batches
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,11 +349,11 @@ def train_epoch(model, club, estimator, opt, sampler, cfg, timer):
     """One pass over the train interactions; returns the mean of each loss term."""
     model.train()
     sums = {}
-    batches = sampler.epoch(cfg.train.batch_size)
+    batches = sampler.epoch(cfg.train.batch_size, len(MODALITIES) if cfg.sand.dist == "mi" else 0)
     timer.lap("sample")
-    for user, pos, neg in batches:
+    for user, pos, neg, *perms in batches:
         opt.zero_grad(set_to_none=True)
-        loss, terms, pairs = model.loss(user, pos, neg, club, sampler.gen)
+        loss, terms, pairs = model.loss(user, pos, neg, club, *perms)
         timer.lap("forward")
         loss.backward()
         timer.lap("backward")
