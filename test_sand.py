@@ -18,6 +18,8 @@ import train
 from sand import (CLUB, MODALITIES, SAND, SANDConfig, bpr_loss, fit_club, item_graph, knn_graph,
                   lightgcn, lightgcn_adjacency, neg_l2, solo_sim_loss)
 
+# sand.py silences torch's beta notice for sparse CSR at import; pytest resets warning filters per test
+pytestmark = pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = data.SyntheticSpec(n_users=500, n_items=250, d_image=48, d_text=24, k_generic=4, k_unique=4)
 
