@@ -1061,7 +1061,7 @@ def test_cuda_club_bound_matches_cpu():
     perms = torch.stack([torch.randperm(600) for _ in range(2)])
     got = {}
     for name in ("cpu", "cuda"):
-        xd, yd = x.to(name).requires_grad_(), y.to(name).requires_grad_()
+        xd, yd = x.to(name, copy=True).requires_grad_(), y.to(name, copy=True).requires_grad_()  # leaves
         bound = club.to(name)(xd, yd, perms.to(name))  # [2]
         (bound * torch.tensor([1.0, 2.0], device=name)).sum().backward()
         got[name] = {"bound": bound.detach().cpu(), "x grad": xd.grad.cpu(), "y grad": yd.grad.cpu()}
