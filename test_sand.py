@@ -1070,29 +1070,38 @@ def test_cuda_club_bound_matches_cpu():
         torch.testing.assert_close(got["cuda"][key], want, rtol=1e-4, atol=1e-6 * float(want.abs().max()), msg=key)
 
 
+def run_steps(device, dist, graphs, epochs=3):
+    """`epochs` epochs of TrainStep on the tiny data (6 batches of 512, then one of 246) -> the step,
+    and the loss terms, parameters and Adam state after them."""
+    ds, cfg = tiny(), run_cfg(dist=dist, club_fit="intra", batch_size=512, club_steps=5)  # intra: the bound is > 0
+    model, club, opt, club_opt = train.build(cfg, ds, device, 0)
+    gen = torch.Generator(device=device).manual_seed(0)
+    sampler = train.BPRSampler(torch.from_numpy(ds.train).to(device), ds.n_items, gen)
+    step = train.TrainStep(model, club, opt, club_opt, device, graphs)
+    terms = [train.train_epoch(model, step, sampler, cfg, train.Timer(device, False)) for _ in range(epochs)]
+    state = {"terms": terms, **{f"model {n}": p for n, p in model.named_parameters()},
+             **{f"club {n}": p for n, p in club.named_parameters()},
+             **{f"{name} adam {i} {k}": v for name, o in (("model", opt), ("club", club_opt))
+                for i, s in o.state_dict()["state"].items() for k, v in s.items()}}
+    return step, state
+
+
 @needs_cuda
-def test_cuda_graph_of_the_estimator_steps_equals_fit_club():
-    device, got = torch.device("cuda"), {}
-    for graphed in (False, True):
-        torch.manual_seed(0)
-        club = CLUB(8, 4).to(device).requires_grad_(False)
-        opt = torch.optim.Adam(club.parameters(), lr=1e-2, fused=True)
-        estimator = train.EstimatorSteps(club, opt, 7, device)
-        assert estimator.graphed
-        gen = torch.Generator().manual_seed(1)
-        nll = []
-        for _ in range(4):  # run directly, record and replay, replay, replay: new pairs each time
-            x = torch.randn(50, 8, generator=gen)
-            x, y = x.to(device), (x.flip(1) + 0.3 * torch.randn(50, 8, generator=gen)).to(device)
-            nll.append(estimator(x, y) if graphed else fit_club(club, opt, x, y, 7))
-        state = opt.state_dict()["state"]
-        got[graphed] = {"nll": torch.stack(nll), **{f"club {n}": p for n, p in club.named_parameters()},
-                        **{f"adam {i} {k}": v for i, s in state.items() for k, v in s.items()}}
-    assert estimator.graph is not None and not any(g["capturable"] for g in opt.param_groups)
-    assert float(got[True]["adam 0 step"]) == 4 * 7
-    assert not torch.equal(got[True]["nll"][2], got[True]["nll"][3])  # replays see the new pairs
-    for key, want in got[False].items():
-        torch.testing.assert_close(got[True][key], want, msg=key)
+@pytest.mark.parametrize("dist", ["mi", "l2"])
+def test_cuda_graph_of_the_training_step_equals_running_it(dist):
+    device = torch.device("cuda")
+    _, want = run_steps(device, dist, graphs=False)
+    step, have = run_steps(device, dist, graphs=True)
+    # both batch sizes recorded (512 in epoch 1, 246 in epoch 2) and replayed; optimizers back to normal
+    assert set(step.graphs) == {512, 246} and not any(g["capturable"] for g in step.opt.param_groups)
+    assert len({tuple(t.values()) for t in have["terms"]}) == 3  # every epoch's terms are new
+    assert have["terms"][0].keys() == ({"bpr", "solo", "club", "club_nll"} if dist == "mi" else {"bpr", "solo", "neg_l2"})
+    for key, w in want.items():
+        if key == "terms":
+            for a, b in zip(have[key], w):
+                assert a == pytest.approx(b, rel=1e-5, abs=1e-7)
+        else:
+            torch.testing.assert_close(have[key], w, msg=key)
 
 
 @needs_cuda

@@ -312,57 +312,66 @@ class Timer:
 # ---------------------------------------------------------------------------------------------
 # Training
 
-class EstimatorSteps:
-    """The CLUB estimator's steps for one batch: fit_club(club, optimizer, x, y, steps). On a GPU, the
-    second call records fit_club's kernels (about 45 per step, over 2000 per batch) once as a CUDA graph,
-    and every later call copies x and y into the graph's input buffers and replays it: the same kernels
-    on the same memory, so the same numbers, without launching them one by one from Python.
-    The first call runs fit_club directly, which also makes Adam's state that the graph updates."""
+class TrainStep:
+    """One training step on a batch (users, positives, negatives[, permutations]): the model's forward
+    and backward, the CLUB estimator's steps (fit_club, after the model's backward and before its
+    optimizer step), the model's optimizer step; returns the loss terms.
+    On a GPU, the second batch of each size records the whole step once as a CUDA graph (about 3,000
+    kernels at Baby's size, most of them the estimator's), and every later batch of that size copies its
+    tensors into the graph's input buffers and replays it: the same kernels on the same memory, so the
+    same numbers, without launching them one by one from Python. The first batch of each size runs
+    directly, which also makes the optimizers' state that the graph updates. With `graphs` off (--profile,
+    which times each phase) every step runs directly."""
 
-    def __init__(self, club, optimizer, steps, device):
-        self.club, self.optimizer, self.steps = club, optimizer, steps
-        self.graphed = device.type == "cuda" and steps > 0
-        self.calls, self.graph = 0, None
+    def __init__(self, model, club, opt, club_opt, device, graphs=True):
+        self.model, self.club, self.opt, self.club_opt = model, club, opt, club_opt
+        self.graphed = graphs and device.type == "cuda"
+        self.seen, self.graphs = set(), {}  # batch sizes run so far; size: (graph, its input buffers, its terms)
 
-    def __call__(self, x, y):
-        self.calls += 1
-        if not self.graphed or self.calls == 1:
-            return fit_club(self.club, self.optimizer, x, y, self.steps)
-        if self.graph is None:  # record (capture runs nothing), then replay below
-            self.x, self.y = x.detach().clone(), y.detach().clone()  # the graph's inputs, fixed addresses
-            self.graph = torch.cuda.CUDAGraph()
-            groups = self.optimizer.param_groups
+    def run(self, batch, timer):
+        user, pos, neg, *perms = batch
+        self.opt.zero_grad(set_to_none=True)
+        loss, terms, pairs = self.model.loss(user, pos, neg, self.club, *perms)
+        timer.lap("forward")
+        loss.backward()
+        timer.lap("backward")
+        if pairs is not None:
+            terms["club_nll"] = fit_club(self.club, self.club_opt, *pairs, self.model.cfg.club_steps)
+            timer.lap("estimator")
+        self.opt.step()
+        timer.lap("optimizer")
+        return terms
+
+    def __call__(self, batch, timer):
+        size = len(batch[0])
+        if not self.graphed or size not in self.seen:
+            self.seen.add(size)
+            return self.run(batch, timer)
+        if size not in self.graphs:  # record (capture runs nothing), then replay below
+            inputs = [t.clone() for t in batch]  # the graph's inputs, at fixed addresses
+            graph, groups = torch.cuda.CUDAGraph(), self.opt.param_groups + self.club_opt.param_groups
             for g in groups:  # capture asks for it; fused Adam computes the same either way
                 g["capturable"] = True
-            with torch.cuda.graph(self.graph):
-                self.nll = fit_club(self.club, self.optimizer, self.x, self.y, self.steps)
+            with torch.cuda.graph(graph):
+                terms = self.run(inputs, timer)
             for g in groups:
                 g["capturable"] = False
-        else:
-            self.x.copy_(x)
-            self.y.copy_(y)
-        self.graph.replay()
-        return self.nll.clone()  # the next replay overwrites self.nll
+            self.graphs[size] = graph, inputs, terms
+        graph, inputs, terms = self.graphs[size]
+        for buffer, t in zip(inputs, batch):
+            buffer.copy_(t)
+        graph.replay()
+        return {k: v.clone() for k, v in terms.items()}  # the next replay overwrites them
 
 
-def train_epoch(model, club, estimator, opt, sampler, cfg, timer):
+def train_epoch(model, step, sampler, cfg, timer):
     """One pass over the train interactions; returns the mean of each loss term."""
     model.train()
     sums = {}
     batches = sampler.epoch(cfg.train.batch_size, len(MODALITIES) if cfg.sand.dist == "mi" else 0)
     timer.lap("sample")
-    for user, pos, neg, *perms in batches:
-        opt.zero_grad(set_to_none=True)
-        loss, terms, pairs = model.loss(user, pos, neg, club, *perms)
-        timer.lap("forward")
-        loss.backward()
-        timer.lap("backward")
-        if pairs is not None:  # the estimator's own steps, after the model's backward, before its step
-            terms["club_nll"] = estimator(*pairs)
-            timer.lap("estimator")
-        opt.step()
-        timer.lap("optimizer")
-        for k, v in terms.items():
+    for batch in batches:
+        for k, v in step(batch, timer).items():
             sums[k] = sums.get(k, 0) + v
     names = list(sums)
     values = (torch.stack([sums[k] for k in names]) / len(batches)).tolist()  # one host sync
@@ -407,7 +416,7 @@ def fit(cfg, ds, device, out, resume=None, log=print):
     gen = torch.Generator(device=device).manual_seed(cfg.train.seed)
     sampler = BPRSampler(torch.from_numpy(ds.train).to(device), ds.n_items, gen)
     evaluator = make_evaluator(ds, device)
-    estimator = EstimatorSteps(club, club_opt, cfg.sand.club_steps, device)
+    step = TrainStep(model, club, opt, club_opt, device, graphs=not cfg.train.profile)
     if resume is None:
         state = {"epoch": 0, "best_score": -1.0, "bad_epochs": 0, "best_epoch": None, "best": None,
                  "history": [], "stopped": False, "unique_info_r2_init": ds.factors and unique_info(model, ds.factors)}
@@ -436,7 +445,7 @@ def fit(cfg, ds, device, out, resume=None, log=print):
         epoch = state["epoch"] + 1
         timer = Timer(device, cfg.train.profile)
         t0 = time.perf_counter()
-        terms = train_epoch(model, club, estimator, opt, sampler, cfg, timer)
+        terms = train_epoch(model, step, sampler, cfg, timer)
         t1 = time.perf_counter()
         if not all(math.isfinite(v) for v in terms.values()):
             log(f"epoch {epoch}: a loss is not finite ({terms}); stopping, "
