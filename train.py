@@ -52,7 +52,8 @@ class TrainConfig:
                             "fitting, alignment only, distancing only, neither) and write ablation.csv/.md")
     seeds: int = option(3, "seeds per variant in --ablation", min=1)
     profile: bool = option(False, "print per-epoch seconds in sampling, forward, backward, estimator, "
-                           "optimizer and evaluation (synchronises the device)")
+                           "optimizer and evaluation (synchronises the device; on a GPU the steps then "
+                           "run without CUDA graphs, so that each phase can be timed)")
 
 
 # ---------------------------------------------------------------------------------------------
