@@ -317,7 +317,7 @@ class TrainStep:
     """One training step on a batch (users, positives, negatives[, permutations]): the model's forward
     and backward, the CLUB estimator's steps (fit_club, after the model's backward and before its
     optimizer step), the model's optimizer step; returns the loss terms.
-    On a GPU, the second batch of each size records the whole step once as a CUDA graph (about 3,000
+    On a GPU, the second batch of each size records the whole step once as a CUDA graph (thousands of
     kernels at Baby's size, most of them the estimator's), and every later batch of that size copies its
     tensors into the graph's input buffers and replays it: the same kernels on the same memory, so the
     same numbers, without launching them one by one from Python. The first batch of each size runs
