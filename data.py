@@ -12,7 +12,7 @@ memory from a seed; `python data.py --write DIR` writes one in MMRec's format.
 """
 import argparse
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -35,6 +35,7 @@ class Dataset:
     image: np.ndarray  # [n_items, d_image] float32
     text: np.ndarray  # [n_items, d_text] float32
     factors: dict | None = None  # built-in only: planted item factors {"generic", "image", "text"}
+    notes: list = field(default_factory=list)  # one line each on what loading left out or found odd
 
     def summary(self):
         return {"name": self.name, "n_users": self.n_users, "n_items": self.n_items,
@@ -129,11 +130,26 @@ def from_interactions(name, user, item, label, image, text, n_users=None, n_item
     parts = {s: pairs[label == k] for k, s in enumerate(SPLITS)}
     if len(parts["train"]) == 0:
         raise DataError(f"dataset '{name}': the train split (x_label 0) is empty")
+    notes = []
     for s in ("valid", "test"):
         if len(parts[s]) == 0:
             raise DataError(f"dataset '{name}': the {s} split (x_label {SPLITS.index(s)}) has no users")
+        # as MMRec (filter_out_cod_start_users): a user with no train interaction is not evaluated
+        cold = ~np.isin(parts[s][:, 0], parts["train"][:, 0])
+        if cold.any():
+            notes.append(f"{s}: {len(np.unique(parts[s][cold, 0]))} users with no train interaction left out "
+                         f"of its evaluation, as MMRec does ({cold.sum()} interactions)")
+            parts[s] = parts[s][~cold]
+        if len(parts[s]) == 0:
+            raise DataError(f"dataset '{name}': no user of the {s} split has a train interaction, so none "
+                            f"can be evaluated")
+    for m, feat in (("image", image), ("text", text)):
+        zero = np.flatnonzero(~feat.any(axis=1))
+        if len(zero):
+            notes.append(f"{m} features: {len(zero)} all-zero rows (items {', '.join(map(str, zero[:5]))}"
+                         f"{', ...' if len(zero) > 5 else ''}): similarity 0 to every item in the kNN graph")
     return Dataset(name, n_users, n_items, parts["train"], parts["valid"], parts["test"],
-                   image, text, factors)
+                   image, text, factors, notes)
 
 
 def load_mmrec(data_dir, name):

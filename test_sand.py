@@ -1,4 +1,5 @@
 """Tests: every piece against an independent computation. Run: python -m pytest -q test_sand.py"""
+import copy
 import csv
 import json
 import math
@@ -15,8 +16,8 @@ import torch.nn.functional as F
 import data
 import sand
 import train
-from sand import (CLUB, MODALITIES, SAND, SANDConfig, bpr_loss, fit_club, item_graph, knn_graph,
-                  lightgcn, lightgcn_adjacency, neg_l2, solo_sim_loss)
+from sand import (CLUB, MODALITIES, SAND, FastSAND, SANDConfig, bpr_loss, fit_club, fit_club_fast, item_graph,
+                  knn_graph, lightgcn, lightgcn_adjacency, lightgcn_fast, neg_l2, solo_sim_loss, solo_sim_loss_fast)
 
 # sand.py silences torch's beta notice for sparse CSR at import; pytest resets warning filters per test
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
@@ -91,7 +92,9 @@ HEADER = "userID\titemID\trating\ttimestamp\tx_label\n"
     (dict(inter=HEADER + "0\t1\t1\t0\n"), "4 tab-separated fields, the header has 5"),
     (dict(inter=HEADER + "0\t1\t1\t1\t1\n1\t0\t1\t1\t2\n", image=np.ones((2, 3)), text=np.ones((2, 3))), "train split (x_label 0) is empty"),
     (dict(inter=HEADER + "0\t1\t1\t1\t0\n1\t0\t1\t1\t2\n", image=np.ones((2, 3)), text=np.ones((2, 3))), "valid split (x_label 1) has no users"),
-    (dict(inter=HEADER + "0\t1\t1\t1\t0\n1\t0\t1\t1\t1\n", image=np.ones((2, 3)), text=np.ones((2, 3))), "test split (x_label 2) has no users"),
+    (dict(inter=HEADER + "0\t1\t1\t1\t0\n0\t0\t1\t1\t1\n", image=np.ones((2, 3)), text=np.ones((2, 3))), "test split (x_label 2) has no users"),
+    (dict(inter=HEADER + "0\t1\t1\t1\t0\n1\t0\t1\t1\t1\n0\t0\t1\t1\t2\n", image=np.ones((2, 3)), text=np.ones((2, 3))),
+     "no user of the valid split has a train interaction, so none can be evaluated"),
     (dict(image=np.ones((6, 6))), "image_feat.npy: shape (6, 6), expected [7, d]"),
     (dict(text=np.where(np.eye(7, 4) > 0, np.nan, 1.0)), "text_feat.npy: 4 rows hold NaN or inf"),
     (dict(image=np.full((7, 6), np.inf)), "7 rows hold NaN or inf"),
@@ -308,7 +311,7 @@ def test_metrics_match_per_user_loop(chunk):
     valid_p = test_p[::3]  # another split over a subset of the users
     ev = train.Evaluator(torch.from_numpy(train_p), {"valid": torch.from_numpy(valid_p), "test": torch.from_numpy(test_p)},
                          n_items, torch.device("cpu"), chunk)
-    got = ev(users, items)
+    got = ev(lambda u: users[u] @ items.T)
     for split, pairs in (("valid", valid_p), ("test", test_p)):
         want = slow_metrics(users @ items.T, train_p.tolist(), pairs.tolist())
         for k in want:
@@ -320,7 +323,7 @@ def hand_evaluator(scores, train_items, test_items):
     n = len(scores)
     ev = train.Evaluator(torch.tensor([[0, i] for i in train_items], dtype=torch.long).reshape(-1, 2),
                          {"test": torch.tensor([[0, i] for i in test_items])}, n, torch.device("cpu"))
-    return ev(torch.ones(1, 1, dtype=torch.float64), torch.tensor(scores, dtype=torch.float64)[:, None])["test"]
+    return ev(lambda u: torch.tensor([scores], dtype=torch.float64))["test"]
 
 
 def test_metrics_hand_worked():
@@ -354,7 +357,7 @@ def test_masked_train_items_never_reach_the_top_k():
     items = torch.randn(n_items, 4)
     items[train_p[:, 1]] += 100 * users.mean(0)  # train items score highest, unless masked
     ev = train.Evaluator(torch.from_numpy(train_p), {"test": torch.from_numpy(test_p)}, n_items, torch.device("cpu"))
-    top = ev.topk(users, items)
+    top = ev.topk(lambda u: users[u] @ items.T)
     train_set = set(map(tuple, train_p.tolist()))
     assert not any((u, i) in train_set for u, row in zip(ev.users.tolist(), top.tolist()) for i in row)
 
@@ -375,14 +378,20 @@ def test_adjacency_and_propagation_match_dense_formula():
     adj = lightgcn_adjacency(train_p, n_users, n_items)
     torch.testing.assert_close(adj.to_dense(), dense)
     h0 = torch.randn(n_users + n_items, 5, dtype=torch.float64, requires_grad=True)
-    out = lightgcn(adj.to(torch.float64), h0, 2)
     want = h0 + dense.double() @ h0 + dense.double() @ dense.double() @ h0
-    torch.testing.assert_close(out, want)
-    g = torch.randn_like(out)
-    (grad,) = torch.autograd.grad(out, h0, g)
-    (grad_want,) = torch.autograd.grad(want, h0, g)
-    torch.testing.assert_close(grad, grad_want)
-    assert torch.equal(out[n_users + 4], h0[n_users + 4])  # an isolated item keeps its own row only
+    g = torch.randn_like(want)
+    (grad_want,) = torch.autograd.grad(want, h0, g, retain_graph=True)
+    (penalty_want,) = torch.autograd.grad((want ** 2).sum(), h0, create_graph=True)
+    (second_want,) = torch.autograd.grad((penalty_want ** 2).sum(), h0)
+    for propagate in (lightgcn, lightgcn_fast):  # the plain piece and its fast path
+        out = propagate(adj.to(torch.float64), h0, 2)
+        torch.testing.assert_close(out, want)
+        (grad,) = torch.autograd.grad(out, h0, g, retain_graph=True)
+        torch.testing.assert_close(grad, grad_want)
+        (penalty,) = torch.autograd.grad((out ** 2).sum(), h0, create_graph=True)  # a gradient penalty's
+        (second,) = torch.autograd.grad((penalty ** 2).sum(), h0)  # second derivative too
+        torch.testing.assert_close(second, second_want)
+        assert torch.equal(out[n_users + 4], h0[n_users + 4])  # an isolated item keeps its own row only
 
 
 def brute_knn(feat, k):
@@ -448,14 +457,14 @@ def test_solo_sim_loss_matches_loop_and_behaves():
 
 
 @pytest.mark.parametrize("chunk_elements", [2 ** 24, 7 * 50])  # one block; blocks of 7 rows (last one partial)
-def test_solo_sim_loss_gradient_matches_autograd(monkeypatch, chunk_elements):
+def test_solo_sim_loss_fast_matches_the_plain_formula_and_its_gradient(monkeypatch, chunk_elements):
     monkeypatch.setitem(sand.CHUNK_ELEMENTS, "cpu", chunk_elements)
     gen = torch.Generator().manual_seed(2)
     t = F.normalize(torch.randn(50, 6, generator=gen, dtype=torch.float64), dim=1).requires_grad_()
     v = F.normalize(torch.randn(50, 6, generator=gen, dtype=torch.float64), dim=1).requires_grad_()
     logits = t @ v.T / 0.2
     want = (torch.logsumexp(logits, 1) - logits.diagonal()).mean()
-    got = solo_sim_loss(t, v, 0.2)
+    got = solo_sim_loss_fast(t, v, 0.2)
     torch.testing.assert_close(got, want)
     g_want = torch.autograd.grad(3 * want, (t, v))
     g_got = torch.autograd.grad(3 * got, (t, v))
@@ -463,44 +472,61 @@ def test_solo_sim_loss_gradient_matches_autograd(monkeypatch, chunk_elements):
         torch.testing.assert_close(a, b)
 
 
-def test_solo_sim_loss_one_input_or_no_gradient():
+def test_solo_sim_loss_fast_one_input_or_no_gradient():
     gen = torch.Generator().manual_seed(3)
     t = F.normalize(torch.randn(30, 5, generator=gen, dtype=torch.float64), dim=1)
     v = F.normalize(torch.randn(30, 5, generator=gen, dtype=torch.float64), dim=1)
     logits = t @ v.T / 0.5
     want = (torch.logsumexp(logits, 1) - logits.diagonal()).mean()
     with torch.no_grad():  # the loss alone, no gradient work
-        torch.testing.assert_close(solo_sim_loss(t.clone().requires_grad_(), v, 0.5), want)
-    torch.testing.assert_close(solo_sim_loss(t, v, 0.5), want)
+        torch.testing.assert_close(solo_sim_loss_fast(t.clone().requires_grad_(), v, 0.5), want)
+    torch.testing.assert_close(solo_sim_loss_fast(t, v, 0.5), want)
     v_leaf = v.clone().requires_grad_()  # only the second input is learned
-    got = torch.autograd.grad(solo_sim_loss(t, v_leaf, 0.5), v_leaf)[0]
+    got = torch.autograd.grad(solo_sim_loss_fast(t, v_leaf, 0.5), v_leaf)[0]
     v_ref = v.clone().requires_grad_()
     ref_logits = t @ v_ref.T / 0.5
     want_grad = torch.autograd.grad((torch.logsumexp(ref_logits, 1) - ref_logits.diagonal()).mean(), v_ref)[0]
     torch.testing.assert_close(got, want_grad)
 
 
-def test_fit_club_equals_autograd_steps():
+def released_estimator_loop(club, x, y, steps, lr):
+    """The released trainer's loop, written out for sets of pairs x, y [S, N, D]: per step, Adam on the
+    sum over the sets of -mean log q(y|x) (`mi_loss + mi_loss1` for two sets)."""
+    opt = torch.optim.Adam(club.parameters(), lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = 0
+        for xs, ys in zip(x, y):
+            mu, logvar = club.mu(xs), club.logvar(xs)
+            loss = loss - (-(mu - ys) ** 2 / logvar.exp() / 2. - logvar / 2.).sum(dim=1).mean()
+        loss.backward()
+        opt.step()
+    return loss.detach()
+
+
+@pytest.mark.parametrize("fit", [fit_club, fit_club_fast])
+def test_fit_club_is_the_released_estimator_loop(fit):
     torch.manual_seed(0)
-    x, y = torch.randn(300, 6, dtype=torch.float64), torch.randn(300, 6, dtype=torch.float64)
-    y = y + x  # dependent, so the fit moves
-    fast = CLUB(6, 4).double()
-    ref = CLUB(6, 4).double()
-    ref.load_state_dict(fast.state_dict())
-    ref_opt = torch.optim.Adam(ref.parameters(), lr=1e-2)
-    for _ in range(20):
-        ref_opt.zero_grad()
-        ref_loss = ref.nll(x, y)
-        ref_loss.backward()
-        ref_opt.step()
-    loss = fit_club(fast, torch.optim.Adam(fast.parameters(), lr=1e-2, foreach=True), x, y, 20)
-    torch.testing.assert_close(loss, ref_loss.detach())
-    for (name, a), b in zip(fast.named_parameters(), ref.parameters()):
+    x = torch.randn(2, 300, 6, dtype=torch.float64)
+    y = x.flip(0) + torch.randn(2, 300, 6, dtype=torch.float64)  # dependent, so the fit moves
+    club = CLUB(6, 4).double()
+    ref = copy.deepcopy(club)
+    want = released_estimator_loop(ref, x, y, 20, 1e-2)
+    start = float(club.nll(x, y).detach())
+    loss = fit(club, torch.optim.Adam(club.parameters(), lr=1e-2), x, y, 20)
+    torch.testing.assert_close(loss, want)
+    for (name, a), b in zip(club.named_parameters(), ref.parameters()):
         torch.testing.assert_close(a, b, msg=name)
-    assert float(loss) < float(CLUB(6, 4).double().nll(x, y).detach())  # and it did fit
-    before = [p.detach().clone() for p in fast.parameters()]  # no steps: nothing moves, the nll as it stands
-    torch.testing.assert_close(fit_club(fast, torch.optim.Adam(fast.parameters()), x, y, 0), fast.nll(x, y).detach())
-    assert all(torch.equal(a, b) for a, b in zip(before, fast.parameters()))
+        assert a.grad is None  # nothing left for another optimizer to step
+    assert float(loss) < start  # and it did fit
+    # one set of pairs [N, D]: its mean nll
+    one = copy.deepcopy(club)
+    want = released_estimator_loop(copy.deepcopy(club), x[:1], y[:1], 3, 1e-2)
+    torch.testing.assert_close(fit(one, torch.optim.Adam(one.parameters(), lr=1e-2), x[0], y[0], 3), want)
+    # no steps: nothing moves, the nll as it stands
+    before = [p.detach().clone() for p in club.parameters()]
+    torch.testing.assert_close(fit(club, torch.optim.Adam(club.parameters()), x, y, 0), club.nll(x, y).detach())
+    assert all(torch.equal(a, b) for a, b in zip(before, club.parameters()))
 
 
 def test_neg_l2_sign_and_gradient():
@@ -591,8 +617,8 @@ def small_model(dist="mi", align="solo", seed=0, **kw):
     return ds, cfg, model, club, opt, club_opt
 
 
-def plain_loss(model, club, user, pos, neg, perms):
-    """The model as SAND.md writes it: X_m formed explicitly, dense graphs, direct formulas."""
+def dense_loss(model, club, user, pos, neg, perms):
+    """The model written out once more: X_m formed, dense graphs, the formulas of the losses."""
     cfg, U = model.cfg, model.n_users
     h0, aux = [], {}
     for m in MODALITIES:
@@ -601,7 +627,7 @@ def plain_loss(model, club, user, pos, neg, perms):
         g, u = x[:, :h], x[:, h:]
         item = model.mlp_out[m](F.leaky_relu(model.mlp_in[m](x)))
         h0.append(F.normalize(torch.cat([model.pref[m], item]), dim=1))
-        aux[m] = (model.head[m](g) if cfg.align == "solo" else None,
+        aux[m] = (F.normalize(model.head[m](g), dim=1) if cfg.align == "solo" else None,
                   model.to_a[m](g) if cfg.dist != "none" else None,
                   model.to_b[m](u) if cfg.dist != "none" else None)
     a = model.adj.to_dense()
@@ -624,31 +650,54 @@ def plain_loss(model, club, user, pos, neg, perms):
     return loss
 
 
-@pytest.mark.parametrize("dist, align", [("mi", "solo"), ("l2", "solo"), ("none", "none"), ("mi", "none")])
-def test_fast_path_equals_plain_formulation(dist, align):
-    ds, cfg, model, club, *_ = small_model(dist, align)
+@pytest.mark.parametrize("dist, align, club_fit", [("mi", "solo", "cross"), ("mi", "solo", "intra"),
+                                                   ("l2", "solo", "cross"), ("none", "none", "cross"),
+                                                   ("mi", "none", "cross")])
+def test_both_tiers_equal_the_dense_formula_and_each_other(dist, align, club_fit):
+    """SAND (plain) and FastSAND with the same weights: the same loss, every gradient and the same
+    estimator update (fit_club against fit_club_fast), each also against the dense formula."""
+    ds, cfg, fast, club, *_ = small_model(dist, align, club_fit=club_fit)
     with torch.no_grad():  # move CLUB off its trivial start so the bound is not clamped at 0
         for p in club.parameters():
             p.add_(0.3 * torch.randn_like(p))
     user, pos, neg = (torch.from_numpy(ds.train[:300, 0]), torch.from_numpy(ds.train[:300, 1]),
                       torch.randint(ds.n_items, (300,)))
-    params = list(model.parameters())
     perms = torch.stack([torch.randperm(ds.n_items) for _ in range(2)])  # text's, then image's
-    fast, terms, _ = model.loss(user, pos, neg, club, perms)
-    plain = plain_loss(model, club, user, pos, neg, perms)
-    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-6)
-    g_fast = torch.autograd.grad(fast, params, allow_unused=True)
-    g_plain = torch.autograd.grad(plain, params, allow_unused=True)
-    for p, a, b in zip(model.named_parameters(), g_fast, g_plain):
-        assert (a is None) == (b is None), p[0]
-        if a is not None:
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7, msg=p[0])
+    plain = SAND(cfg.sand, ds.n_users, {"image": fast.feat_image, "text": fast.feat_text}, fast.adj, fast.item_item)
+    plain.load_state_dict(fast.state_dict())
+    assert type(fast) is FastSAND and type(plain) is SAND
+    dense = dense_loss(plain, club, user, pos, neg, perms)
+    g_dense = torch.autograd.grad(dense, list(plain.parameters()), allow_unused=True)
+    updates = []
+    for model, fit in ((plain, fit_club), (fast, fit_club_fast)):
+        loss, terms, pairs = model.loss(user, pos, neg, club, perms)
+        torch.testing.assert_close(loss, dense, rtol=1e-5, atol=1e-6)
+        grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+        for (name, _), a, b in zip(model.named_parameters(), grads, g_dense):
+            assert (a is None) == (b is None), name
+            if a is not None:
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7, msg=name)
+        if dist == "mi":
+            assert float(terms["club"]) > 0  # not clamped: the bound's gradients are compared too
+            est = copy.deepcopy(club)
+            fit(est, torch.optim.Adam(est.parameters(), lr=1e-3), *pairs, 5)
+            updates.append([p.detach() for p in est.parameters()])
     want_terms = {"bpr"} | ({"solo"} if align == "solo" else set()) | {"mi": {"club"}, "l2": {"neg_l2"}, "none": set()}[dist]
     assert set(terms) == want_terms  # --dist none and --align none really remove their terms
-    if dist == "mi":
-        assert float(terms["club"]) > 0  # not clamped: the bound's gradients are compared too
+    for a, b in zip(*updates):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
     if dist == "none" and align == "none":  # only BPR is left
-        torch.testing.assert_close(fast, terms["bpr"])
+        torch.testing.assert_close(loss, terms["bpr"])
+
+
+def test_score_is_the_dot_product_for_pairs_and_for_every_item():
+    gen = torch.Generator().manual_seed(0)
+    users, items = torch.randn(5, 3, generator=gen), torch.randn(7, 3, generator=gen)
+    user, item = torch.tensor([4, 0, 4]), torch.tensor([6, 1, 2])
+    torch.testing.assert_close(SAND.score(users, items, user, item), torch.stack([users[u] @ items[i] for u, i in zip(user, item)]))
+    every = SAND.score(users, items, user)  # [3, 7]: what evaluation ranks
+    torch.testing.assert_close(every, users[user] @ items.T)
+    torch.testing.assert_close(every[torch.arange(3), item], SAND.score(users, items, user, item))
 
 
 def test_optimizers_are_separate():
@@ -678,8 +727,8 @@ def test_club_fit_pairs_cross_and_intra():
         user = torch.from_numpy(ds.train[:10, 0])
         _, _, pairs = model.loss(user, user, user, club)
         _, _, aux = model()
-        x = torch.cat([aux[want[0][0]][want[0][1]], aux[want[1][0]][want[1][1]]])
-        y = torch.cat([aux[want[2][0]][want[2][1]], aux[want[3][0]][want[3][1]]])
+        x = torch.stack([aux[want[0][0]][want[0][1]], aux[want[1][0]][want[1][1]]])  # [2, I, 32]: two sets
+        y = torch.stack([aux[want[2][0]][want[2][1]], aux[want[3][0]][want[3][1]]])
         torch.testing.assert_close(pairs[0], x)
         torch.testing.assert_close(pairs[1], y)
 
@@ -977,10 +1026,14 @@ def test_unique_info_reads_each_part_against_each_factor():
     factors = {name: rng.standard_normal((400, 4)) for name in ("generic", "image", "text")}
     as_t = lambda a: torch.from_numpy(a).float()
 
+    noise = as_t(rng.standard_normal((400, 4)))
+
     class Parts:  # stands in for a trained SAND: parts that carry exactly one factor group each
-        def split_parts(self, m):
-            return {"generic": as_t(factors["generic"]), "unique": as_t(factors[m]),
-                    "a": as_t(rng.standard_normal((400, 4))), "b": as_t(factors[m] + factors["generic"])}
+        to_a = {m: lambda g: noise for m in MODALITIES}  # a_m: nothing
+        to_b = {m: lambda g, m=m: as_t(factors[m] + factors["generic"]) for m in MODALITIES}  # b_m: half each
+
+        def split(self, m):  # X_m, g_m, u_m
+            return None, as_t(factors["generic"]), as_t(factors[m])
     r2 = train.unique_info(Parts(), factors)
     assert r2["image unique"]["image"] > 0.99 and abs(r2["image unique"]["text"]) < 0.05
     assert r2["text generic"]["generic"] > 0.99 and abs(r2["text generic"]["image"]) < 0.05

@@ -8,6 +8,7 @@ Each run writes to its folder (--out): config.json, metrics.csv, results.json, l
 import argparse
 import csv
 import dataclasses
+import functools
 import io
 import json
 import math
@@ -22,7 +23,8 @@ import numpy as np
 import torch
 
 import data
-from sand import CLUB, MODALITIES, SAND, SANDConfig, chunk_rows, fit_club, item_graph, lightgcn_adjacency, option
+from sand import (CLUB, MODALITIES, SAND, FastSAND, SANDConfig, chunk_rows, fit_club, fit_club_fast, item_graph,
+                  lightgcn_adjacency, option)
 
 KS = (10, 20)  # Recall@K and NDCG@K
 CHECKPOINT_SECONDS = 60  # last.pt and best.pt: after the first epoch, then at most this often, and at the end
@@ -51,6 +53,8 @@ class TrainConfig:
     ablation: bool = option(False, "run the ablation grid (full SAND with mi and l2, cross and intra CLUB "
                             "fitting, alignment only, distancing only, neither) and write ablation.csv/.md")
     seeds: int = option(3, "seeds per variant in --ablation", min=1)
+    plain: bool = option(False, "run sand.py's plain tier (SAND and fit_club: autograd, X_m formed) instead of "
+                         "its fast paths (FastSAND, fit_club_fast): the same method, only float rounding differs; slower")
     profile: bool = option(False, "print per-epoch seconds in sampling, forward, backward, estimator, "
                            "optimizer and evaluation (synchronises the device; on a GPU the steps then "
                            "run without CUDA graphs, so that each phase can be timed)")
@@ -115,7 +119,8 @@ class Evaluator:
         NDCG@K   = sum_r h_r / log2(r + 1)  /  sum_{r <= min(n_u, K)} 1 / log2(r + 1)
     both averaged over the split's users. Since both splits mask the same train items, one top-K per
     user serves valid and test. The masks are indexed once here, so evaluating is a few large tensor
-    ops per chunk of users and one host sync. A pair repeated within a split counts once."""
+    ops per chunk of users and one host sync. A pair repeated within a split counts once.
+    Scores come from a function score(users [b]) -> [b, I], a new tensor (it is masked in place)."""
 
     def __init__(self, train, splits, n_items, device, chunk=None):
         key = lambda pairs: torch.unique(pairs[:, 0] * n_items + pairs[:, 1])  # sorted
@@ -140,19 +145,19 @@ class Evaluator:
         self.discount, self.ideal = discount, discount.cumsum(0)  # [K]: 1/log2(r+1), IDCG by length
 
     @torch.no_grad()
-    def topk(self, user_emb, item_emb, k=max(KS)):
+    def topk(self, score, k=max(KS)):
         """-> [n_eval, k] item ids per user of self.users, best first, train items excluded."""
         out = []
         for users, rows, cols in self.chunks:
-            scores = user_emb[users] @ item_emb.T  # [b, I]
+            scores = score(users)  # [b, I]
             scores[rows, cols] = -math.inf
             out.append(scores.topk(min(k, self.n_items), dim=1).indices)
         return torch.cat(out)
 
     @torch.no_grad()
-    def __call__(self, user_emb, item_emb):
+    def __call__(self, score):
         """-> {split: {"recall@10": ..., "ndcg@10": ..., "recall@20": ..., "ndcg@20": ...}}"""
-        top_keys = self.users[:, None] * self.n_items + self.topk(user_emb, item_emb)  # [n_eval, K]
+        top_keys = self.users[:, None] * self.n_items + self.topk(score)  # [n_eval, K]
         names, values = [], []
         for split, (keys, rows, n_u) in self.splits.items():
             hits = torch.isin(top_keys[rows], keys).double()  # [n_split_users, K]
@@ -207,7 +212,10 @@ def unique_info(model, factors, seed=0):
         truth[name] = (y[fit_rows], y[new_rows])
     out = {}
     for m in MODALITIES:
-        for part, x in model.split_parts(m).items():
+        with torch.no_grad():
+            _, g, u = model.split(m)
+            parts = {"generic": g, "unique": u, "a": model.to_a[m](g), "b": model.to_b[m](u)}
+        for part, x in parts.items():
             x = x.cpu()  # float32; only the two halves of the rows are made float64
             r2 = ridge_r2(x[fit_rows].double(), x[new_rows].double(), truth)
             out[f"{m} {part}"] = {name: round(v, 4) for name, v in r2.items()}
@@ -265,9 +273,8 @@ def build(cfg, ds, device, seed):
     adjacency = lightgcn_adjacency(train, ds.n_users, ds.n_items)
     graph = item_graph(features["image"].to(device), features["text"].to(device), cfg.sand.knn_k,
                        cfg.sand.image_weight)
-    model = SAND(cfg.sand, ds.n_users, features, adjacency, graph).to(device)
-    # fitted by fit_club's own gradients only: the model's backward computes none for the estimator
-    club = CLUB(cfg.sand.dist_dim, cfg.sand.club_hidden).to(device).requires_grad_(False)
+    model = (SAND if cfg.train.plain else FastSAND)(cfg.sand, ds.n_users, features, adjacency, graph).to(device)
+    club = CLUB(cfg.sand.dist_dim, cfg.sand.club_hidden).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, fused=True)
     club_opt = torch.optim.Adam(club.parameters(), lr=cfg.train.lr, fused=True)
     return model, club, opt, club_opt
@@ -324,8 +331,9 @@ class TrainStep:
     directly, which also makes the optimizers' state that the graph updates. With `graphs` off (--profile,
     which times each phase) every step runs directly."""
 
-    def __init__(self, model, club, opt, club_opt, device, graphs=True):
+    def __init__(self, model, club, opt, club_opt, device, graphs=True, plain=False):
         self.model, self.club, self.opt, self.club_opt = model, club, opt, club_opt
+        self.fit_club = fit_club if plain else fit_club_fast
         self.graphed = graphs and device.type == "cuda"
         self.seen, self.graphs = set(), {}  # batch sizes run so far; size: (graph, its input buffers, its terms)
 
@@ -337,7 +345,7 @@ class TrainStep:
         loss.backward()
         timer.lap("backward")
         if pairs is not None:
-            terms["club_nll"] = fit_club(self.club, self.club_opt, *pairs, self.model.cfg.club_steps)
+            terms["club_nll"] = self.fit_club(self.club, self.club_opt, *pairs, self.model.cfg.club_steps)
             timer.lap("estimator")
         self.opt.step()
         timer.lap("optimizer")
@@ -396,19 +404,20 @@ def make_evaluator(ds, device):
 def most_popular(ds, device):
     """The baseline every model must beat: rank items by their train interaction count."""
     counts = torch.bincount(torch.from_numpy(ds.train[:, 1]), minlength=ds.n_items).double().to(device)
-    return make_evaluator(ds, device)(torch.ones(ds.n_users, 1, dtype=torch.float64, device=device), counts[:, None])
+    return make_evaluator(ds, device)(lambda users: counts.repeat(len(users), 1))
 
 
-def embeddings(model):
-    """-> users [U, D], items [I, D], recomputed in eval mode (not left over from the last batch)."""
+def scorer(model):
+    """-> score(users [b]) -> [b, I]: the model's score of every item (SAND.score), from embeddings
+    recomputed in eval mode (not left over from the last training batch)."""
     model.eval()
     with torch.no_grad():
         users, items, _ = model(parts=False)
-    return users, items
+    return functools.partial(model.score, users, items)
 
 
 def evaluate(model, evaluator):
-    return evaluator(*embeddings(model))
+    return evaluator(scorer(model))
 
 
 def fit(cfg, ds, device, out, resume=None, log=print):
@@ -417,7 +426,7 @@ def fit(cfg, ds, device, out, resume=None, log=print):
     gen = torch.Generator(device=device).manual_seed(cfg.train.seed)
     sampler = BPRSampler(torch.from_numpy(ds.train).to(device), ds.n_items, gen)
     evaluator = make_evaluator(ds, device)
-    step = TrainStep(model, club, opt, club_opt, device, graphs=not cfg.train.profile)
+    step = TrainStep(model, club, opt, club_opt, device, graphs=not cfg.train.profile, plain=cfg.train.plain)
     if resume is None:
         state = {"epoch": 0, "best_score": -1.0, "bad_epochs": 0, "best_epoch": None, "best": None,
                  "history": [], "stopped": False, "unique_info_r2_init": ds.factors and unique_info(model, ds.factors)}
@@ -602,6 +611,8 @@ def train_one(cfg, ds, device, out, resume=None, log=print):
     save_json(os.path.join(out, "config.json"), {**dataclasses.asdict(cfg), "dataset_stats": ds.summary(),
                                                  "environment": environment(device)})
     log(f"{ds.summary()} on {device}; writing to {out}/")
+    for note in ds.notes:
+        log(note)
     try:
         results, model, evaluator = fit(cfg, ds, device, out, resume, log)
     except KeyboardInterrupt:
@@ -679,7 +690,7 @@ def read_finished(folder, cfg):
 def write_topk_file(model, evaluator, path):
     """The top-20 items of every test user: a TSV line each, user id then items, best first."""
     rows = evaluator.splits["test"][1]
-    top = evaluator.topk(*embeddings(model))[rows]
+    top = evaluator.topk(scorer(model))[rows]
     lines = ["\t".join(map(str, [u] + row)) for u, row in zip(evaluator.users[rows].tolist(), top.tolist())]
     data.atomic_write(path, "\n".join(lines) + "\n")
 
