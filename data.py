@@ -137,8 +137,8 @@ def from_interactions(name, user, item, label, image, text, n_users=None, n_item
         # as MMRec (filter_out_cod_start_users): a user with no train interaction is not evaluated
         cold = ~np.isin(parts[s][:, 0], parts["train"][:, 0])
         if cold.any():
-            notes.append(f"{s}: {len(np.unique(parts[s][cold, 0]))} users with no train interaction left out "
-                         f"of its evaluation, as MMRec does ({cold.sum()} interactions)")
+            notes.append(f"{s}: left out {len(np.unique(parts[s][cold, 0]))} user(s) with no train interaction "
+                         f"({cold.sum()} interactions), as MMRec does")
             parts[s] = parts[s][~cold]
         if len(parts[s]) == 0:
             raise DataError(f"dataset '{name}': no user of the {s} split has a train interaction, so none "

@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import data
@@ -69,6 +70,28 @@ def test_inter_file_from_a_windows_editor_reads_the_same(tmp_path):
     (tmp_path / "c.inter").write_bytes(plain.encode() + b"\xff\xfe\n")  # not text
     with pytest.raises(data.DataError, match="c.inter: not a text file in UTF-8"):
         data.read_inter(str(tmp_path / "c.inter"))
+
+
+def test_users_without_train_interactions_are_left_out_and_zero_feature_rows_are_reported(tmp_path):
+    # MMRec's filter_out_cod_start_users: users 4 (valid and test) and 5 (test) have no train row
+    rows = [(u, i, lab) for u in range(4) for i, lab in ((u, 0), (u + 1, 0), (u + 2, 1), (u + 3, 2))]
+    rows += [(4, 5, 1), (4, 6, 2), (5, 1, 2), (5, 2, 2)]
+    inter = "userID\titemID\trating\ttimestamp\tx_label\n" + "".join(f"{u}\t{i}\t5.0\t1\t{x}\n" for u, i, x in rows)
+    image = np.arange(42.0).reshape(7, 6) % 5
+    image[[2, 6]] = 0
+    data_dir = write_folder(tmp_path, inter=inter, image=image)
+    ds = data.load_mmrec(data_dir, "toy")
+    assert ds.n_users == 6 and ds.valid.tolist() == [[u, u + 2] for u in range(4)]
+    assert ds.test.tolist() == [[u, u + 3] for u in range(4)]
+    assert ds.notes == ["valid: left out 1 user(s) with no train interaction (1 interactions), as MMRec does",
+                        "test: left out 2 user(s) with no train interaction (3 interactions), as MMRec does",
+                        "image features: 2 all-zero rows (items 2, 6): similarity 0 to every item in the kNN graph"]
+    lines = []
+    results = train.run(run_cfg(dataset="toy", data_dir=data_dir, epochs=1, knn_k=3, out=str(tmp_path / "run")),
+                        log=lines.append)
+    assert all(note in lines for note in ds.notes)
+    evaluator = train.make_evaluator(ds, torch.device("cpu"))
+    assert evaluator.users.tolist() == [0, 1, 2, 3] and math.isfinite(results["test"]["recall@20"])
 
 
 def test_write_then_load_round_trips(tmp_path):
@@ -348,6 +371,9 @@ def test_metrics_hand_worked():
     # 25 test items: recall@20 is hits / 25, not hits / min(20, 25)
     m = hand_evaluator(scores, [], list(range(25)))
     assert m["recall@20"] == pytest.approx(20 / 25) and m["ndcg@20"] == pytest.approx(1.0)
+    # fewer items than K: every item is ranked, the test item at rank 2
+    m = hand_evaluator(scores[:5], [], [1])
+    assert m["recall@10"] == 1.0 and m["ndcg@20"] == pytest.approx(1 / math.log2(3))
 
 
 def test_masked_train_items_never_reach_the_top_k():
@@ -607,6 +633,77 @@ def test_club_detects_dependence():
     assert estimates["independent"] < 0.05
 
 
+def test_copied_pieces_never_give_a_wrong_number():
+    """Lifted into another model, as a user would: another estimator architecture, a learnable
+    temperature, a second derivative. The fast path equals the plain piece there, or refuses."""
+    torch.manual_seed(0)
+    # a CLUB whose mu network has one more layer: the bound is the formula's, and fit_club_fast runs fit_club
+    deep = CLUB(6, 4).double()
+    deep.mu = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 6)).double()
+    x = torch.randn(2, 50, 6, dtype=torch.float64)
+    with torch.no_grad():
+        y = deep.mu(x) + 0.1 * torch.randn(2, 50, 6, dtype=torch.float64)
+    perm = torch.stack([torch.randperm(50) for _ in range(2)])
+    bound = deep(x, y, perm)
+    torch.testing.assert_close(bound, torch.stack([plain_club_bound(deep, x[s], y[s], perm[s]) for s in range(2)]))
+    assert bool((bound > 0).all())
+    fitted = []
+    for fit in (fit_club, fit_club_fast):
+        est = copy.deepcopy(deep)
+        fit(est, torch.optim.Adam(est.parameters(), lr=1e-2), x, y, 5)
+        fitted.append(est)
+    for (name, a), b in zip(fitted[0].named_parameters(), fitted[1].parameters()):
+        torch.testing.assert_close(a, b, msg=name)
+    assert not torch.equal(fitted[1].mu[2].weight, deep.mu[2].weight)  # the extra layer is trained too
+    # a learnable temperature gets the plain formula's gradient
+    t = F.normalize(torch.randn(30, 5, dtype=torch.float64), dim=1)
+    v = F.normalize(torch.randn(30, 5, dtype=torch.float64), dim=1)
+    grads = []
+    for loss in (solo_sim_loss, solo_sim_loss_fast):
+        tau = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+        grads.append(torch.autograd.grad(loss(t, v, tau), tau)[0])
+    torch.testing.assert_close(grads[1], grads[0])
+    assert float(grads[0]) != 0
+    # a gradient penalty (double backward): the plain piece gives it, the fast path refuses
+    tl = t.clone().requires_grad_()
+    (g,) = torch.autograd.grad(solo_sim_loss(tl, v, 0.3), tl, create_graph=True)
+    assert float(torch.autograd.grad((g ** 2).sum(), tl)[0].abs().sum()) > 0
+    with pytest.raises(RuntimeError, match="solo_sim_loss_fast has no second derivative"):
+        torch.autograd.grad(solo_sim_loss_fast(tl, v, 0.3), tl, create_graph=True)
+
+
+@pytest.mark.parametrize("fit", [fit_club, fit_club_fast])
+def test_fit_club_refuses_an_optimizer_that_holds_more_than_the_estimator(fit):
+    club, other = CLUB(4, 3), nn.Linear(4, 4)
+    x = torch.randn(20, 4)
+    before = [p.detach().clone() for p in other.parameters()]
+    with pytest.raises(ValueError, match="the optimizer holds parameters that are not the estimator's") as e:
+        fit(club, torch.optim.Adam(list(club.parameters()) + list(other.parameters())), x, x, 3)
+    assert "\n" not in str(e.value) and all(torch.equal(a, b) for a, b in zip(before, other.parameters()))
+
+
+@pytest.mark.parametrize("fit", [fit_club, fit_club_fast])
+def test_a_club_inside_the_model_is_stepped_by_fit_club_alone(fit):
+    """A CLUB as a submodule of the model, under the model's one optimizer (and its own for fit_club):
+    the bound gives it no gradient, and fit_club leaves none, so the model's step never moves it."""
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.enc, model.club = nn.Linear(6, 4), CLUB(4, 3)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    club_opt = torch.optim.Adam(model.club.parameters(), lr=1e-2)
+    feats = torch.randn(2, 40, 6)
+    for _ in range(3):
+        opt.zero_grad()
+        a = model.enc(feats)  # [2, 40, 4]
+        b = model.enc(feats.flip(-1))
+        model.club(a, b, torch.stack([torch.randperm(40) for _ in range(2)])).mean().backward()
+        assert all(p.grad is None for p in model.club.parameters())  # the bound's gradient reaches x, y only
+        fit(model.club, club_opt, a, b, 2)
+        fitted = [p.detach().clone() for p in model.club.parameters()]
+        opt.step()
+        assert all(torch.equal(p, q) for p, q in zip(model.club.parameters(), fitted))
+
+
 # ---------------------------------------------------------------------------------------------
 # The model
 
@@ -749,6 +846,18 @@ def test_seeded_run_is_repeatable(tmp_path):
     c, _ = quick_fit(tmp_path / "c", seed=1)
     assert a["test"] == b["test"] and a["valid"] == b["valid"]
     assert a["test"] != c["test"]
+
+
+def test_a_plain_run_logs_the_same_loss_terms(tmp_path):
+    rows = {}
+    for plain in (False, True):
+        _, out = quick_fit(tmp_path / str(plain), epochs=1, plain=plain, club_fit="intra")  # intra: the bound is > 0
+        with open(out / "metrics.csv") as f:
+            rows[plain] = next(csv.DictReader(f))
+    for term in ("bpr", "solo", "club", "club_nll"):
+        fast, plain = float(rows[False][term]), float(rows[True][term])
+        assert fast != 0 and plain == pytest.approx(fast, rel=1e-5), term  # 4 significant digits, and more
+    assert rows[False]["valid_recall@20"] == rows[True]["valid_recall@20"]
 
 
 def test_training_step_is_bitwise_deterministic_on_cpu():
@@ -1082,14 +1191,14 @@ def test_cuda_loss_gradients_estimator_and_graphs_match_cpu():
         loss.backward()
         gen = torch.Generator().manual_seed(1)
         x, y = (torch.randn(300, cfg.sand.dist_dim, generator=gen).to(device) for _ in range(2))
-        nll = fit_club(club, club_opt, x, y + x, 5)
+        nll = fit_club_fast(club, club_opt, x, y + x, 5)
         got[name] = {"loss": loss.detach(), "item_item": model.item_item.to_dense(), "nll": nll,
                      **{f"grad {n}": p.grad for n, p in model.named_parameters()},
                      **{f"club {n}": p.detach() for n, p in club.named_parameters()}}
     bad = []  # every mismatch, not only the first
     for key, want in got["cpu"].items():
         have = got["cuda"][key].cpu()
-        if key.startswith("grad head") and key.endswith(("first.bias", "rest.2.bias")):
+        if key.startswith("grad head") and key.endswith((".0.bias", ".3.bias")):
             # a bias right before a BatchNorm: its exact gradient is 0, both devices give rounding noise
             scale = float(got["cpu"][key.replace("bias", "weight")].abs().max())  # its layer's weight gradient
             if max(float(have.abs().max()), float(want.abs().max())) >= 1e-5 * scale:
@@ -1151,8 +1260,7 @@ def test_cuda_graph_of_the_training_step_equals_running_it(dist):
     for a, b in zip(terms, want_terms):
         assert a == pytest.approx(b, rel=1e-5, abs=1e-7)
     for key, w in want.items():
-        if key.startswith("head") and key.endswith(("first.bias", "rest.2.bias", "rest.0.running_mean",
-                                                    "rest.3.running_mean")):
+        if key.startswith("head") and key.endswith((".0.bias", ".3.bias", ".1.running_mean", ".4.running_mean")):
             # a bias right before a BatchNorm, whose exact gradient is 0, so Adam moves it by rounding noise (up
             # to the learning rate per step), and the running mean of that BatchNorm, which averages the bias in
             torch.testing.assert_close(have[key], w, rtol=0, atol=21 * 1e-4, msg=key)
@@ -1165,8 +1273,8 @@ def test_cuda_evaluation_matches_cpu():
     ds = tiny()
     gen = torch.Generator().manual_seed(0)
     users, items = (torch.randn(n, 16, generator=gen, dtype=torch.float64) for n in (ds.n_users, ds.n_items))
-    want = train.make_evaluator(ds, torch.device("cpu"))(users, items)
-    have = train.make_evaluator(ds, torch.device("cuda"))(users.cuda(), items.cuda())
+    want = train.make_evaluator(ds, torch.device("cpu"))(lambda u: users[u] @ items.T)
+    have = train.make_evaluator(ds, torch.device("cuda"))(lambda u: users.cuda()[u] @ items.cuda().T)
     for split in want:
         assert have[split] == pytest.approx(want[split], abs=1e-12)
 

@@ -54,7 +54,8 @@ class TrainConfig:
                             "fitting, alignment only, distancing only, neither) and write ablation.csv/.md")
     seeds: int = option(3, "seeds per variant in --ablation", min=1)
     plain: bool = option(False, "run sand.py's plain tier (SAND and fit_club: autograd, X_m formed) instead of "
-                         "its fast paths (FastSAND, fit_club_fast): the same method, only float rounding differs; slower")
+                         "its fast paths (FastSAND, fit_club_fast), and on a GPU without CUDA graphs: the same method, only "
+                         "float rounding differs; slower")
     profile: bool = option(False, "print per-epoch seconds in sampling, forward, backward, estimator, "
                            "optimizer and evaluation (synchronises the device; on a GPU the steps then "
                            "run without CUDA graphs, so that each phase can be timed)")
@@ -163,8 +164,9 @@ class Evaluator:
             hits = torch.isin(top_keys[rows], keys).double()  # [n_split_users, K]
             for k in KS:
                 idcg = self.ideal[n_u.long().clamp_max(k) - 1]  # [n_split_users]
+                top = hits[:, :k]  # [n_split_users, min(k, I)]
                 names += [(split, f"recall@{k}"), (split, f"ndcg@{k}")]
-                values += [(hits[:, :k].sum(1) / n_u).mean(), ((hits[:, :k] * self.discount[:k]).sum(1) / idcg).mean()]
+                values += [(top.sum(1) / n_u).mean(), ((top * self.discount[:top.shape[1]]).sum(1) / idcg).mean()]
         result = {}
         for (split, metric), v in zip(names, torch.stack(values).tolist()):
             result.setdefault(split, {})[metric] = v
@@ -426,7 +428,8 @@ def fit(cfg, ds, device, out, resume=None, log=print):
     gen = torch.Generator(device=device).manual_seed(cfg.train.seed)
     sampler = BPRSampler(torch.from_numpy(ds.train).to(device), ds.n_items, gen)
     evaluator = make_evaluator(ds, device)
-    step = TrainStep(model, club, opt, club_opt, device, graphs=not cfg.train.profile, plain=cfg.train.plain)
+    step = TrainStep(model, club, opt, club_opt, device, graphs=not (cfg.train.profile or cfg.train.plain),
+                     plain=cfg.train.plain)
     if resume is None:
         state = {"epoch": 0, "best_score": -1.0, "bad_epochs": 0, "best_epoch": None, "best": None,
                  "history": [], "stopped": False, "unique_info_r2_init": ds.factors and unique_info(model, ds.factors)}
