@@ -4,6 +4,7 @@ import csv
 import json
 import math
 import os
+import pty
 import re
 import subprocess
 import sys
@@ -830,6 +831,48 @@ def test_club_fit_pairs_cross_and_intra():
         torch.testing.assert_close(pairs[1], y)
 
 
+def readme_example():
+    """The code block of the README's section on copying SAND into another model, exactly as written."""
+    with open(os.path.join(HERE, "README.md")) as f:
+        text = f.read()
+    return text[text.index("## Copy SAND into your model"):].split("```python\n", 1)[1].split("```", 1)[0]
+
+
+@pytest.mark.parametrize("dist", ["mi", "l2"])
+def test_the_readme_example_runs_and_each_optimizer_moves_only_its_own_parameters(dist, monkeypatch, capsys):
+    code = readme_example()
+    assert code.count('32, "mi"') == 1
+    code = code.replace('32, "mi"', f'32, "{dist}"')
+    ns, steps = {}, {"model": 0, "club": 0}
+    snap = lambda module: [p.detach().clone() for p in module.parameters()]
+    unchanged = lambda before, module: all(torch.equal(a, b) for a, b in zip(before, module.parameters()))
+    real_step, real_fit = torch.optim.Adam.step, sand.fit_club
+
+    def step(self, *args, **kw):  # every optimizer step: the other part stays where it was
+        held = {id(p) for group in self.param_groups for p in group["params"]}
+        who = "club" if held == {id(p) for p in ns["club"].parameters()} else "model"
+        other = ns["club"] if who == "model" else ns["model"]
+        before = snap(other)
+        out = real_step(self, *args, **kw)
+        assert unchanged(before, other), f"the {who}'s optimizer moved the other part"
+        steps[who] += 1
+        return out
+
+    def fit(club, *args, **kw):  # fit_club as a whole leaves the model alone and moves the estimator
+        model, before_club = snap(ns["model"]), snap(club)
+        out = real_fit(club, *args, **kw)
+        assert unchanged(model, ns["model"]) and not unchanged(before_club, club)
+        return out
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    monkeypatch.setattr(sand, "fit_club", fit)
+    torch.manual_seed(0)
+    exec(compile(code, "README.md", "exec"), ns)
+    assert steps == {"model": 5, "club": 250 if dist == "mi" else 0}
+    lines = capsys.readouterr().out.splitlines()
+    values = [float(v) for line in lines for v in re.findall(r"-?\d+\.\d+", line)]
+    assert len(lines) == 5 and len(values) == 15 and all(math.isfinite(v) for v in values)
+
+
 # ---------------------------------------------------------------------------------------------
 # Runs end to end
 
@@ -1037,6 +1080,37 @@ def test_cli_runs_an_mmrec_folder_as_users_write_it(tmp_path):
     assert "unique_info_r2" not in results  # no planted factors in a folder dataset
 
 
+def test_progress_shows_on_a_terminal_and_piped_output_is_one_line_per_epoch(tmp_path):
+    base = tiny_run(tmp_path)
+    cmd = lambda out: [sys.executable, os.path.join(HERE, "train.py"), "--dataset", "tiny", "--data-dir", base["data_dir"],
+                       "--epochs", "2", "--batch-size", "256", "--dist", "l2", "--device", "cpu", "--out", str(tmp_path / out)]
+    master, slave = pty.openpty()  # a terminal, as a user's shell gives
+    p = subprocess.Popen(cmd("tty"), stdout=slave, stderr=subprocess.PIPE, cwd=tmp_path)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # the terminal closes with the program
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(master)
+    assert p.wait(timeout=300) == 0, p.stderr.read()
+    shown = b"".join(chunks).decode().replace("\r\n", "\n")
+    for step in ("loading tiny ...", "building the item-item kNN graph of",
+                 "training: batch 1/", "s left in this epoch"):
+        assert step in shown, step
+    piped = subprocess.run(cmd("piped"), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert piped.returncode == 0 and "\r" not in piped.stdout and "batch" not in piped.stdout
+    # on the terminal, what stays on screen (the text after the last carriage return of each line) is the piped output
+    kept = [line.rsplit("\r", 1)[-1].rstrip() for line in shown.rstrip("\n").split("\n")]  # not splitlines(): it splits at \r too
+    strip = lambda lines: [re.sub(r"\d+\.\d+s|tty|piped", "", line) for line in lines]
+    assert strip(kept) == strip(piped.stdout.splitlines())
+    assert sum(line.startswith("epoch ") for line in piped.stdout.splitlines()) == 2
+
+
 def test_default_run_folder_names_every_setting_off_its_default():
     assert train.default_folder(run_cfg()) == os.path.join("runs", "synthetic-mi-seed999")
     # settings that change the results are named; where and how it runs is not
@@ -1150,17 +1224,19 @@ def test_unique_info_reads_each_part_against_each_factor():
     assert 0.3 < r2["text b"]["text"] < 0.7 and 0.3 < r2["text b"]["generic"] < 0.7
 
 
-def test_ablation_grid_writes_its_table_and_resumes(tmp_path, monkeypatch):
-    cfg = run_cfg(epochs=1, seeds=2, batch_size=1024, club_steps=2, out=str(tmp_path))
-    rows = train.ablation(cfg, tiny(), torch.device("cpu"), log=lambda *_: None)
+def test_ablation_grid_writes_its_tables_and_resumes(tmp_path, monkeypatch):
+    cfg = run_cfg(epochs=1, seeds=2, batch_size=1024, club_steps=2, out=str(tmp_path), ablation=True)
+    rows = train.grid(cfg, tiny(), torch.device("cpu"), train.ABLATIONS, log=lambda *_: None)
     assert len(rows) == 2 * len(train.ABLATIONS)
     with open(tmp_path / "ablation.csv") as f:
         assert len(list(csv.DictReader(f))) == 12
     table = (tmp_path / "ablation.md").read_text()
     body = [line for line in table.splitlines() if line.startswith("| ") and "±" in line]
-    assert [line.split(" | ")[0][2:] for line in body] == [label for label, _ in train.ABLATIONS.values()]
-    assert all(line.count(" ± ") == 4 for line in body) and "on `tiny`" in table
+    assert [line.split(" | ")[0][2:].replace(" (chosen)", "") for line in body] == [p[1] for p in train.ABLATIONS]
+    assert all(line.count(" ± ") == 8 for line in body) and "on `tiny`" in table
     assert "| most popular (train counts, no training) | 0." in table
+    chosen = json.loads((tmp_path / "ablation.json").read_text())["chosen"]
+    assert chosen["point"] in [p[0] for p in train.ABLATIONS] and len(chosen["runs"]) == 2
     results = json.loads((tmp_path / "neither-seed1000" / "results.json").read_text())
     assert results["unique_info_r2"]["best"]["image unique"].keys() == {"generic", "image", "text"}
     config = json.loads((tmp_path / "neither-seed1000" / "config.json").read_text())
@@ -1169,7 +1245,87 @@ def test_ablation_grid_writes_its_table_and_resumes(tmp_path, monkeypatch):
     def no_training(*a, **k):
         raise AssertionError("a finished run was trained again")
     monkeypatch.setattr(train, "train_one", no_training)
-    assert train.ablation(cfg, tiny(), torch.device("cpu"), log=lambda *_: None) == rows
+    assert train.grid(cfg, tiny(), torch.device("cpu"), train.ABLATIONS, log=lambda *_: None) == rows
+
+
+def test_grid_runs_the_product_writes_three_files_and_resumes_after_an_interruption(tmp_path, monkeypatch):
+    base = tiny_run(tmp_path, epochs=1, seeds=2, out=str(tmp_path / "grid"), grid=("alpha=0.012,0.5", "lr=1e-4,1e-3"))
+    real, calls = train.train_one, []
+
+    def interrupted_at_the_third_run(cfg, *args, **kw):
+        calls.append((cfg.sand.alpha, cfg.train.lr, cfg.train.seed))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(cfg, *args, **kw)
+    monkeypatch.setattr(train, "train_one", interrupted_at_the_third_run)
+    with pytest.raises(KeyboardInterrupt):
+        train.run(run_cfg(**base), log=lambda *_: None)
+    monkeypatch.setattr(train, "train_one", lambda cfg, *args, **kw: calls.append(
+        (cfg.sand.alpha, cfg.train.lr, cfg.train.seed)) or real(cfg, *args, **kw))
+    calls.clear()
+    rows = train.run(run_cfg(**base), log=lambda *_: None)
+    # the product in the order listed, each point for seeds 999 and 1000; the two finished runs read back
+    assert [(r["point"], r["seed"]) for r in rows] == [(f"alpha={a}-lr={lr}", s) for a in (0.012, 0.5)
+                                                       for lr in (0.0001, 0.001) for s in (999, 1000)]
+    assert calls == [(0.012, 0.001, 999), (0.012, 0.001, 1000)] + [(0.5, lr, s) for lr in (1e-4, 1e-3) for s in (999, 1000)]
+    out = tmp_path / "grid"
+    with open(out / "grid.csv") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 8 and {"valid_recall@20", "test_recall@20", "best_epoch", "seed"} <= set(table[0])
+    md = (out / "grid.md").read_text()
+    assert md.count(" ± ") == 1 + 4 * 8 and "| --alpha 0.5 --lr 0.001" in md  # the header says "mean ± sample std"
+    chosen = json.loads((out / "grid.json").read_text())["chosen"]
+    means = {}
+    for r in table:
+        means.setdefault(r["point"], []).append(float(r["valid_recall@20"]))
+    best = max(means, key=lambda p: np.mean(means[p]))
+    settings = {f"alpha={a}-lr={lr}": {"alpha": a, "lr": lr} for a in (0.012, 0.5) for lr in (0.0001, 0.001)}
+    assert chosen["point"] == best and chosen["settings"] == settings[best]
+    assert chosen["valid"]["recall@20"] == pytest.approx(np.mean(means[best]))
+    assert chosen["runs"] == [str(out / f"{best}-seed{s}") for s in (999, 1000)]
+    config = json.loads((out / "alpha=0.5-lr=0.001-seed1000" / "config.json").read_text())
+    assert (config["sand"]["alpha"], config["train"]["lr"], config["train"]["seed"]) == (0.5, 0.001, 1000)
+
+
+def fake_results(valid, test, diverged=False):
+    metrics = lambda v: {m: v for m in train.METRICS}
+    return {"best_epoch": 1, "valid": metrics(valid), "test": metrics(test), "diverged": diverged}
+
+
+def test_grid_chooses_by_valid_never_by_test_and_skips_a_point_that_diverged(tmp_path, monkeypatch):
+    # point tau=0.1: best valid, worst test; tau=0.3: best test; tau=0.5: the best valid of all, but one run diverged
+    made = {0.1: (0.30, 0.10), 0.2: (0.20, 0.20), 0.3: (0.10, 0.40), 0.5: (0.50, 0.50)}
+    monkeypatch.setattr(train, "train_one", lambda cfg, *a, **k: (
+        fake_results(*made[cfg.sand.tau], diverged=cfg.sand.tau == 0.5 and cfg.train.seed == 1000), None, None))
+    cfg = run_cfg(grid=("tau=0.1,0.2,0.3,0.5",), seeds=2, out=str(tmp_path))
+    lines = []
+    train.grid(cfg, tiny(), torch.device("cpu"), train.grid_points(cfg.train.grid), log=lines.append)
+    chosen = json.loads((tmp_path / "grid.json").read_text())["chosen"]
+    assert chosen["settings"] == {"tau": 0.1} and chosen["test"]["recall@20"] == pytest.approx(0.10)
+    md = (tmp_path / "grid.md").read_text()
+    assert "| --tau 0.1 (chosen) |" in md and "| --tau 0.5 (diverged in 1 runs) |" in md
+    assert "tau=0.5 seed 1000: best epoch 1, diverged, test" in "\n".join(lines)
+    made = {0.1: (0.2, 0.1), 0.2: (0.2, 0.3)}  # a tie on valid: the point listed first
+    cfg = run_cfg(grid=("tau=0.2,0.1",), seeds=1, out=str(tmp_path / "tie"))
+    train.grid(cfg, tiny(), torch.device("cpu"), train.grid_points(cfg.train.grid), log=lambda *_: None)
+    assert json.loads((tmp_path / "tie" / "grid.json").read_text())["chosen"]["settings"] == {"tau": 0.2}
+
+
+@pytest.mark.parametrize("words, expect", [
+    (["lamda=0.1"], "--grid 'lamda=0.1' is not SETTING=V1,V2,... with one of the settings that change results: dist,"),
+    (["alpha"], "--grid 'alpha' is not SETTING=V1,V2,..."),
+    (["alpha=0.1,x"], "--grid alpha=x: 'x' is not a float"),
+    (["club_steps=5,2.5"], "--grid club_steps=2.5: '2.5' is not an int"),
+    (["dist=mi,cos"], "--grid dist=cos: choose from mi, l2, none"),
+    (["alpha=0.1", "alpha=0.2"], "--grid lists alpha twice"),
+    (["tau=0.2,0"], "grid point tau=0.0: --tau must be above 0 (got 0.0)"),
+    (["seed=1,2"], "--grid 'seed=1,2' is not SETTING=V1,V2,..."),  # seeds come from --seeds
+])
+def test_a_bad_grid_is_refused_with_one_line_before_anything_runs(tmp_path, words, expect):
+    r = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--grid", *words, "--out", str(tmp_path / "g")],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 2 and expect in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert not (tmp_path / "g").exists()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import csv
 import dataclasses
 import functools
 import io
+import itertools
 import json
 import math
 import os
@@ -51,8 +52,12 @@ class TrainConfig:
     resume: str = option("", "continue the run that wrote this checkpoint (last.pt), in its folder and with its "
                          "settings; --epochs and --patience may extend it")
     ablation: bool = option(False, "run the ablation grid (full SAND with mi and l2, cross and intra CLUB "
-                            "fitting, alignment only, distancing only, neither) and write ablation.csv/.md")
-    seeds: int = option(3, "seeds per variant in --ablation", min=1)
+                            "fitting, alignment only, distancing only, neither) and write ablation.csv/.md/.json")
+    grid: tuple = option((), "run every point of the product of the listed settings, e.g. --grid alpha=0.012,0.1 "
+                         "ureg=0.006,0.06 (any model or training setting that changes results), and write "
+                         "grid.csv/.md/.json; the chosen point is the best mean valid Recall@20", nargs="+",
+                         metavar="SETTING=V1,V2,...")
+    seeds: int = option(3, "seeds per point in --ablation or --grid: --seed, --seed + 1, ...", min=1)
     plain: bool = option(False, "run sand.py's plain tier (SAND and fit_club: autograd, X_m formed) instead of "
                          "its fast paths (FastSAND, fit_club_fast), and on a GPU without CUDA graphs: the same method, only "
                          "float rounding differs; slower")
@@ -205,6 +210,7 @@ def unique_info(model, factors, seed=0):
     """R^2 of each planted factor group (generic, image-unique, text-unique) predicted from each
     learned part of each modality (g_m, u_m and their distancing projections a_m, b_m) by ridge
     regression fitted on a random half of the items and scored on the other half."""
+    STATUS.show("planted-factor diagnostic: ridge R^2 of each learned part ...")
     n = len(factors["generic"])
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     fit_rows, new_rows = perm[:n // 2], perm[n // 2:]
@@ -273,6 +279,7 @@ def build(cfg, ds, device, seed):
     train = torch.from_numpy(ds.train)
     features = {"image": torch.from_numpy(ds.image), "text": torch.from_numpy(ds.text)}
     adjacency = lightgcn_adjacency(train, ds.n_users, ds.n_items)
+    STATUS.show(f"building the item-item kNN graph of {ds.n_items} items ...")
     graph = item_graph(features["image"].to(device), features["text"].to(device), cfg.sand.knn_k,
                        cfg.sand.image_weight)
     model = (SAND if cfg.train.plain else FastSAND)(cfg.sand, ds.n_users, features, adjacency, graph).to(device)
@@ -302,6 +309,32 @@ def write_metrics(path, rows):
     writer.writeheader()
     writer.writerows(rows)
     data.atomic_write(path, buf.getvalue())
+
+
+class Status:
+    """The command line's progress line: on a terminal, one line rewritten in place and cleared before
+    each logged line; elsewhere (a log file, a pipe) nothing, so the output is one line per epoch.
+    main() turns it on when stdout is a terminal."""
+
+    def __init__(self):
+        self.on, self.width, self.shown_at = False, 0, -math.inf
+
+    def show(self, text, every=0.0):
+        """Put `text` on the progress line (at most once per `every` seconds)."""
+        if self.on and time.perf_counter() - self.shown_at >= every:
+            sys.stdout.write("\r" + text.ljust(self.width))
+            sys.stdout.flush()
+            self.width, self.shown_at = len(text), time.perf_counter()
+
+    def log(self, *args):
+        """print(), after clearing the progress line."""
+        if self.width:
+            sys.stdout.write("\r" + " " * self.width + "\r")
+            self.width = 0
+        print(*args, flush=True)
+
+
+STATUS = Status()
 
 
 class Timer:
@@ -381,9 +414,13 @@ def train_epoch(model, step, sampler, cfg, timer):
     sums = {}
     batches = sampler.epoch(cfg.train.batch_size, len(MODALITIES) if cfg.sand.dist == "mi" else 0)
     timer.lap("sample")
-    for batch in batches:
+    start = time.perf_counter()
+    for done, batch in enumerate(batches, 1):
         for k, v in step(batch, timer).items():
             sums[k] = sums.get(k, 0) + v
+        spent = time.perf_counter() - start
+        STATUS.show(f"training: batch {done}/{len(batches)}, {spent:.1f} s, about "
+                    f"{spent / done * (len(batches) - done):.0f} s left in this epoch", every=0.2)
     names = list(sums)
     values = (torch.stack([sums[k] for k in names]) / len(batches)).tolist()  # one host sync
     return dict(zip(names, values))
@@ -432,7 +469,8 @@ def fit(cfg, ds, device, out, resume=None, log=print):
                      plain=cfg.train.plain)
     if resume is None:
         state = {"epoch": 0, "best_score": -1.0, "bad_epochs": 0, "best_epoch": None, "best": None,
-                 "history": [], "stopped": False, "unique_info_r2_init": ds.factors and unique_info(model, ds.factors)}
+                 "history": [], "stopped": False, "diverged": None,
+                 "unique_info_r2_init": ds.factors and unique_info(model, ds.factors)}
     else:
         model.load_state_dict(resume["model"])
         club.load_state_dict(resume["club"])
@@ -440,7 +478,7 @@ def fit(cfg, ds, device, out, resume=None, log=print):
         club_opt.load_state_dict(resume["club_opt"])
         gen.set_state(resume["generator"])
         state = resume["state"]
-        state["stopped"] = state["bad_epochs"] > cfg.train.patience  # --patience may have changed
+        state["stopped"] = state["diverged"] is not None or state["bad_epochs"] > cfg.train.patience  # --patience may have changed
         log(f"resuming after epoch {state['epoch']} (--epochs {cfg.train.epochs}, --patience {cfg.train.patience})"
             + (": it has already stopped early" if state["stopped"] else ""))
     best_weights, saved_at = None, time.perf_counter() if resume else -math.inf  # a fresh run saves after epoch 1
@@ -463,6 +501,7 @@ def fit(cfg, ds, device, out, resume=None, log=print):
         if not all(math.isfinite(v) for v in terms.values()):
             log(f"epoch {epoch}: a loss is not finite ({terms}); stopping, "
                 + (f"the best epoch ({state['best_epoch']}) is kept" if state["best_epoch"] else "no epoch finished"))
+            state["diverged"], state["stopped"] = epoch, True  # and a resumed run stays stopped
             break
         metrics = evaluate(model, evaluator)
         timer.lap("evaluate")
@@ -491,6 +530,7 @@ def fit(cfg, ds, device, out, resume=None, log=print):
     hist = state["history"]
     results = {"best_epoch": state["best_epoch"], "valid": state["best"] and state["best"]["valid"],
                "test": state["best"] and state["best"]["test"], "epochs_run": state["epoch"],
+               "diverged": state["diverged"] is not None,
                "train_s_per_epoch": float(np.median([r["train_s"] for r in hist])) if hist else None,
                "eval_s_per_epoch": float(np.median([r["eval_s"] for r in hist])) if hist else None,
                "peak_memory_gib": peak_memory_gib(device), "dataset": ds.summary()}
@@ -555,21 +595,32 @@ def environment(device):
 
 
 # Settings that do not change what a run computes
-NOT_IN_RESULTS = ("data_dir", "device", "out", "topk_out", "eval_only", "ckpt", "resume", "ablation", "seeds", "profile")
+NOT_IN_RESULTS = ("data_dir", "device", "out", "topk_out", "eval_only", "ckpt", "resume", "ablation", "grid",
+                  "seeds", "profile")
 
 
-def default_folder(cfg, grid=False):
-    """runs/<dataset>-<dist>-seed<seed> for a run, runs/ablation-<dataset> for the grid (which sets
-    dist, align and club_fit itself and names each run's folder by its seed), then -setting=value for
-    every other setting that changes the results and is not at its default: runs with different
-    settings do not overwrite each other's files."""
+def default_folder(cfg, points=None):
+    """runs/<dataset>-<dist>-seed<seed> for a run; for a grid of `points` (--ablation, --grid), whose
+    runs are named by point and seed, runs/ablation-<dataset> or runs/grid-<dataset>-<the listed settings>;
+    then -setting=value for every other setting that changes the results and is not at its default:
+    runs with different settings do not overwrite each other's files."""
     t = cfg.train
-    name, named = ((f"ablation-{t.dataset}", ("dataset", "dist", "align", "club_fit", "seed")) if grid
-                   else (f"{t.dataset}-{cfg.sand.dist}-seed{t.seed}", ("dataset", "dist", "seed")))
+    if points is None:
+        name, named = f"{t.dataset}-{cfg.sand.dist}-seed{t.seed}", ("dataset", "dist", "seed")
+    else:
+        listed = list(dict.fromkeys(k for _, _, changes in points for k in changes))  # in order, once each
+        name = f"grid-{t.dataset}-" + "-".join(listed) if t.grid else f"ablation-{t.dataset}"
+        named = ("dataset", "seed", *listed)
     for setting, value in off_default(cfg).items():
         if setting not in NOT_IN_RESULTS + named:
             name += f"-{setting}={value}"
     return os.path.join("runs", name)
+
+
+def load(t):
+    """The dataset of training configuration `t`."""
+    STATUS.show(f"loading {t.dataset} ..." if t.dataset not in data.BUILTIN else f"making the built-in {t.dataset} ...")
+    return data.load_dataset(t.dataset, t.data_dir, t.data_seed)
 
 
 def run(cfg, log=print):
@@ -587,9 +638,11 @@ def run(cfg, log=print):
         cfg.train.out = os.path.dirname(os.path.abspath(t.resume))  # it goes on in its own folder
         t = cfg.train
     device = resolve_device(t.device)
-    ds = data.load_dataset(t.dataset, t.data_dir, t.data_seed)
-    if t.ablation:
-        return ablation(cfg, ds, device, log)
+    if t.ablation or t.grid:
+        points = ABLATIONS if t.ablation else grid_points(t.grid)
+        grid_runs(cfg, points)  # a bad point is refused now, before the data is loaded
+        return grid(cfg, load(t), device, points, log)
+    ds = load(t)
     out = t.out or default_folder(cfg)
     results, model, evaluator = train_one(cfg, ds, device, out, resume, log)
     if results["best_epoch"] is None:
@@ -627,52 +680,129 @@ def train_one(cfg, ds, device, out, resume=None, log=print):
     return results, model, evaluator
 
 
-ABLATIONS = {  # run folder prefix: (what it is, changes to the model's configuration)
-    "mi-cross": ("SAND, --dist mi (CLUB fitted cross-modal, as released)", {}),
-    "mi-intra": ("SAND, --dist mi --club-fit intra (as the paper describes)", {"club_fit": "intra"}),
-    "l2": ("SAND, --dist l2", {"dist": "l2"}),
-    "align-only": ("alignment only: --dist none", {"dist": "none"}),
-    "dist-only": ("distancing only: --align none (--dist mi)", {"align": "none"}),
-    "neither": ("neither: --dist none --align none", {"dist": "none", "align": "none"}),
-}
+ABLATIONS = [  # the ablation grid's points: (run folder prefix, what it is, settings)
+    ("mi-cross", "SAND, --dist mi (CLUB fitted cross-modal, as released)", {}),
+    ("mi-intra", "SAND, --dist mi --club-fit intra (as the paper describes)", {"club_fit": "intra"}),
+    ("l2", "SAND, --dist l2", {"dist": "l2"}),
+    ("align-only", "alignment only: --dist none", {"dist": "none"}),
+    ("dist-only", "distancing only: --align none (--dist mi)", {"align": "none"}),
+    ("neither", "neither: --dist none --align none", {"dist": "none", "align": "none"}),
+]
 METRICS = [f"{m}@{k}" for k in KS for m in ("recall", "ndcg")]
+# what --grid may list: every setting that changes results, except the data and the seed (--seeds)
+GRID_SETTINGS = {f.name: f for part in (SANDConfig, TrainConfig) for f in dataclasses.fields(part)
+                 if f.name not in NOT_IN_RESULTS + ("dataset", "data_seed", "seed")}
 
 
-def ablation(cfg, ds, device, log):
-    """Every variant in ABLATIONS for --seeds seeds (--seed, --seed + 1, ...), each run in its own
-    folder under --out; then ablation.csv (a row per run) and ablation.md (mean and sample standard
-    deviation over seeds). A run whose folder already holds results.json for the same configuration
-    is read back, not run again, so an interrupted grid continues where it stopped."""
-    out = cfg.train.out or default_folder(cfg, grid=True)
-    rows = []
-    for key, (label, changes) in ABLATIONS.items():
+def parse_setting(f, text):
+    """A value for field `f` from its text, as its flag would read it; a UsageError if it is not one."""
+    try:
+        value = {"true": True, "false": False}[text.lower()] if f.type is bool else f.type(text)
+    except (ValueError, KeyError):
+        raise UsageError(f"--grid {f.name}={text}: {text!r} is not a{'n' if f.type is int else ''} "
+                         f"{f.type.__name__}") from None
+    if value not in f.metadata.get("choices", (value,)):
+        raise UsageError(f"--grid {f.name}={text}: choose from {', '.join(f.metadata['choices'])}")
+    return value
+
+
+def grid_points(specs):
+    """--grid's words (setting=v1,v2,...) -> the points of their product, in the order listed:
+    [(run folder prefix, label, {setting: value})]."""
+    axes = {}
+    for spec in specs:
+        name, _, values = spec.partition("=")
+        if name not in GRID_SETTINGS or not values:
+            raise UsageError(f"--grid {spec!r} is not SETTING=V1,V2,... with one of the settings that change "
+                             f"results: {', '.join(GRID_SETTINGS)}")
+        if name in axes:
+            raise UsageError(f"--grid lists {name} twice: give all its values once, {name}=V1,V2,...")
+        axes[name] = [parse_setting(GRID_SETTINGS[name], v) for v in values.split(",")]
+    points = []
+    for combo in itertools.product(*axes.values()):
+        changes = dict(zip(axes, combo))
+        points.append(("-".join(f"{k}={v}" for k, v in changes.items()),
+                       " ".join(f"{flag(k)} {v}" for k, v in changes.items()), changes))
+    return points
+
+
+def with_settings(cfg, changes, **train):
+    """A copy of the run configuration with `changes` (model or training settings) and `train` applied."""
+    sand_changes = {k: v for k, v in changes.items() if hasattr(cfg.sand, k)}
+    train_changes = {k: v for k, v in changes.items() if k not in sand_changes}
+    return RunConfig(dataclasses.replace(cfg.sand, **sand_changes),
+                     dataclasses.replace(cfg.train, **train_changes, **train))
+
+
+def grid_runs(cfg, points):
+    """-> the grid's folder (--out) and its runs [(point, seed, folder, configuration)]: every point for
+    --seeds seeds (--seed, --seed + 1, ...), each configuration checked."""
+    out = cfg.train.out or default_folder(cfg, points)
+    runs = []
+    for key, _, changes in points:
         for seed in range(cfg.train.seed, cfg.train.seed + cfg.train.seeds):
             folder = os.path.join(out, f"{key}-seed{seed}")
-            one = RunConfig(dataclasses.replace(cfg.sand, **changes),
-                            dataclasses.replace(cfg.train, seed=seed, ablation=False, out=folder))
-            results = read_finished(folder, one)
-            if results is None:
-                results = train_one(one, ds, device, folder, log=lambda *_: None)[0]
-            log(f"{key:10s} seed {seed}: best epoch {results['best_epoch']}, test "
-                + " ".join(f"{m} {results['test'][m]:.4f}" for m in METRICS))
-            rows.append({"variant": key, "seed": seed, "best_epoch": results["best_epoch"],
-                         **{f"test_{m}": results["test"][m] for m in METRICS}})
-    write_metrics(os.path.join(out, "ablation.csv"), rows)
-    lines = [f"Test metrics at the best valid epoch on `{ds.name}`, mean ± sample std over "
-             f"{cfg.train.seeds} seeds ({cfg.train.seed}..{cfg.train.seed + cfg.train.seeds - 1}).", "",
-             "| variant | " + " | ".join(METRICS) + " | best epoch |", "|---" * (len(METRICS) + 2) + "|"]
-    for key, (label, _) in ABLATIONS.items():
-        mine = [r for r in rows if r["variant"] == key]
-        cells = []
-        for m in METRICS:
-            v = np.array([r[f"test_{m}"] for r in mine])
-            cells.append(f"{v.mean():.4f} ± {v.std(ddof=1) if len(v) > 1 else 0:.4f}")
-        epochs = np.mean([r["best_epoch"] or 0 for r in mine])
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {epochs:.0f} |")
-    popular = most_popular(ds, device)["test"]
-    lines.append("| most popular (train counts, no training) | " + " | ".join(f"{popular[m]:.4f}" for m in METRICS) + " | |")
+            one = with_settings(cfg, changes, seed=seed, out=folder, ablation=False, grid=(), seeds=TrainConfig.seeds)
+            try:
+                check(one)
+            except UsageError as e:
+                raise UsageError(f"grid point {key}: {e}") from None
+            runs.append((key, seed, folder, one))
+    return out, runs
+
+
+def grid(cfg, ds, device, points, log):
+    """Runs every point of the grid (grid_runs), each run in its own folder, then writes <kind>.csv (a
+    row per run), <kind>.md (per point, mean and sample std over its seeds) and <kind>.json (the chosen
+    point), kind = ablation or grid. The chosen point has the best mean valid Recall@20 among the points
+    none of whose runs diverged (a loss that was not finite); a tie goes to the point listed first. Its
+    test metrics are what the grid reports: nothing is chosen by test. A run whose folder holds
+    results.json for the same configuration is read back, not run again, so an interrupted grid goes on
+    where it stopped."""
+    kind = "grid" if cfg.train.grid else "ablation"
+    out, runs = grid_runs(cfg, points)
+    rows = []
+    for key, seed, folder, one in runs:
+        results = read_finished(folder, one) or train_one(one, ds, device, folder, log=lambda *_: None)[0]
+        scores = {f"{s}_{m}": results[s] and results[s][m] for s in ("valid", "test") for m in METRICS}
+        log(f"{key} seed {seed}: best epoch {results['best_epoch']}" + (", diverged" if results["diverged"] else "")
+            + ", test " + " ".join(f"{m} {results['test'][m]:.4f}" if results["test"] else f"{m} -" for m in METRICS))
+        rows.append({"point": key, "seed": seed, "best_epoch": results["best_epoch"],
+                     "diverged": results["diverged"], **scores})
+    write_metrics(os.path.join(out, f"{kind}.csv"), rows)
+    columns = [f"{s}_{m}" for s in ("valid", "test") for m in METRICS]
+    summary = []
+    for key, label, changes in points:
+        mine = [r for r in rows if r["point"] == key]
+        done = [r for r in mine if r["best_epoch"] is not None]
+        summary.append({
+            "point": key, "label": label, "settings": changes, "diverged": sum(r["diverged"] for r in mine),
+            "mean": {c: float(np.mean([r[c] for r in done])) for c in columns} if done else None,
+            "std": {c: float(np.std([r[c] for r in done], ddof=1)) if len(done) > 1 else 0.0 for c in columns},
+            "best_epoch": np.mean([r["best_epoch"] or 0 for r in mine]),
+            "runs": [folder for k, _, folder, _ in runs if k == key]})
+    eligible = [p for p in summary if not p["diverged"] and p["mean"]]
+    chosen = max(eligible, key=lambda p: p["mean"]["valid_recall@20"], default=None)  # max keeps the first of ties
+    seeds = sorted({seed for _, seed, _, _ in runs})
+    lines = [f"Valid and test metrics at the best valid epoch on `{ds.name}`, mean ± sample std over "
+             f"{len(seeds)} seeds ({seeds[0]}..{seeds[-1]}).", "",
+             "| point | " + " | ".join(c.replace("_", " ") for c in columns) + " | best epoch |",
+             "|---" * (len(columns) + 2) + "|"]
+    for p in summary:
+        cells = [f"{p['mean'][c]:.4f} ± {p['std'][c]:.4f}" if p["mean"] else "-" for c in columns]
+        mark = (" (chosen)" if p is chosen else "") + (f" (diverged in {p['diverged']} runs)" if p["diverged"] else "")
+        lines.append(f"| {p['label']}{mark} | " + " | ".join(cells) + f" | {p['best_epoch']:.0f} |")
+    popular = most_popular(ds, device)
+    lines.append("| most popular (train counts, no training) | "
+                 + " | ".join(f"{popular[c.split('_')[0]][c.split('_')[1]]:.4f}" for c in columns) + " | |")
+    lines += ["", f"Chosen by the best mean valid Recall@20: {chosen['label']}; its test metrics are the grid's "
+              "result." if chosen else "No point finished without diverging: none is chosen."]
     table = "\n".join(lines) + "\n"
-    data.atomic_write(os.path.join(out, "ablation.md"), table)
+    data.atomic_write(os.path.join(out, f"{kind}.md"), table)
+    save_json(os.path.join(out, f"{kind}.json"), {
+        "rule": "best mean valid recall@20 over the points with no diverged run; a tie goes to the point listed first",
+        "chosen": chosen and {"point": chosen["point"], "settings": chosen["settings"], "runs": chosen["runs"],
+                              **{s: {m: chosen["mean"][f"{s}_{m}"] for m in METRICS} for s in ("valid", "test")}}})
     log(table)
     return rows
 
@@ -686,7 +816,8 @@ def read_finished(folder, cfg):
             results = json.load(f)
     except (OSError, ValueError):
         return None
-    same = saved["sand"] == dataclasses.asdict(cfg.sand) and saved["train"] == dataclasses.asdict(cfg.train)
+    now = json.loads(json.dumps(dataclasses.asdict(cfg)))  # as config.json holds it (a tuple is a list there)
+    same = saved["sand"] == now["sand"] and saved["train"] == now["train"]
     return results if same else None
 
 
@@ -704,7 +835,7 @@ def eval_only(cfg, log):
     ckpt = load_checkpoint(cfg.train.ckpt)
     saved = saved_config(ckpt, cfg.train.ckpt, cfg, "eval_only")
     device = resolve_device(saved.train.device)
-    ds = data.load_dataset(saved.train.dataset, saved.train.data_dir, saved.train.data_seed)
+    ds = load(saved.train)
     if ds.summary() != ckpt["dataset"]:
         raise data.DataError(f"checkpoint was trained on {ckpt['dataset']}, but the data is {ds.summary()}")
     model = build(saved, ds, device, saved.train.seed)[0]
@@ -728,6 +859,9 @@ def parser():
         for f in dataclasses.fields(cls):
             if f.type is bool:
                 g.add_argument(flag(f.name), action="store_true", help=f.metadata["help"])
+            elif "nargs" in f.metadata:
+                g.add_argument(flag(f.name), nargs=f.metadata["nargs"], default=f.default, help=f.metadata["help"],
+                               metavar=f.metadata["metavar"])
             else:
                 shown = f" (default: {f.default})" if f.default != "" else ""
                 g.add_argument(flag(f.name), type=f.type, default=f.default, help=f.metadata["help"] + shown,
@@ -735,7 +869,7 @@ def parser():
     return p
 
 
-ONLY_WITH = {"ckpt": "eval_only", "seeds": "ablation"}  # flags that mean something only with another
+ONLY_WITH = {"ckpt": ("eval_only",), "seeds": ("ablation", "grid")}  # flags that mean something only with another
 
 
 def check(cfg):
@@ -743,11 +877,14 @@ def check(cfg):
     ignored, no output path of the wrong kind (found out now, not after training), else a UsageError."""
     t, given = cfg.train, off_default(cfg)
     for name, needed in ONLY_WITH.items():
-        if name in given and not getattr(t, needed):
-            raise UsageError(f"{flag(name)} is read only with {flag(needed)}")
+        if name in given and not any(getattr(t, n) for n in needed):
+            raise UsageError(f"{flag(name)} is read only with {' or '.join(map(flag, needed))}")
+    many = [n for n in ("ablation", "grid", "resume", "eval_only") if getattr(t, n)]
+    if len(many) > 1:
+        raise UsageError(f"{flag(many[0])} and {flag(many[1])} do not go together: run them one at a time")
     for name in ("topk_out", "profile"):
-        if t.ablation and getattr(t, name):
-            raise UsageError(f"{flag(name)} does nothing in --ablation: run one variant alone with it")
+        if many and many[0] in ("ablation", "grid") and getattr(t, name):
+            raise UsageError(f"{flag(name)} does nothing in {flag(many[0])}: run one point alone with it")
     for name, folder in (("out", True), ("topk_out", False)):
         path = getattr(t, name)
         if path and os.path.exists(path) and os.path.isdir(path) != folder:
@@ -768,6 +905,7 @@ def check(cfg):
 
 def config_from_args(args):
     values = vars(args)
+    values["grid"] = tuple(values["grid"])  # argparse gives a list
     return RunConfig(SANDConfig(**{f.name: values[f.name] for f in dataclasses.fields(SANDConfig)}),
                      TrainConfig(**{f.name: values[f.name] for f in dataclasses.fields(TrainConfig)}))
 
@@ -775,7 +913,8 @@ def config_from_args(args):
 def main(argv=None):
     args = parser().parse_args(argv)
     try:
-        run(config_from_args(args))
+        STATUS.on = sys.stdout.isatty()
+        run(config_from_args(args), log=STATUS.log)
     except (data.DataError, UsageError, OSError) as e:  # OSError: a file or folder that cannot be written
         print(f"train.py: error: {e}", file=sys.stderr)
         sys.exit(2)
