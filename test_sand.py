@@ -1117,7 +1117,11 @@ def test_default_run_folder_names_every_setting_off_its_default():
     cfg = run_cfg(dist="l2", seed=3, alpha=0.1, lr=1e-3, club_fit="intra", device="cpu", profile=True, data_dir="x")
     assert train.default_folder(cfg) == os.path.join("runs", "synthetic-l2-seed3-club_fit=intra-alpha=0.1-lr=0.001")
     assert train.default_folder(run_cfg(alpha=0.2)) != train.default_folder(run_cfg(alpha=0.1))
-    assert train.default_folder(cfg, grid=True) == os.path.join("runs", "ablation-synthetic-alpha=0.1-lr=0.001")
+    # a grid names the settings it lists, and its runs' folders name their points and seeds
+    assert train.default_folder(cfg, train.ABLATIONS) == os.path.join("runs", "ablation-synthetic-alpha=0.1-lr=0.001")
+    cfg.train.grid = ("alpha=0.1,0.2", "tau=0.3")
+    assert train.default_folder(cfg, train.grid_points(cfg.train.grid)) == os.path.join(
+        "runs", "grid-synthetic-alpha-tau-dist=l2-club_fit=intra-lr=0.001")
 
 
 def test_cli_end_to_end_writes_all_files(tmp_path):
