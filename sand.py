@@ -36,8 +36,11 @@ def option(default, help, **kw):
 
 @dataclass
 class SANDConfig:
-    """SAND's hyper-parameters. Defaults reproduce the authors' released code; train.py turns every
-    field into a command-line flag (--club-fit for club_fit, ...)."""
+    """SAND's hyper-parameters. Defaults reproduce the authors' released code (BACKBONE_DEFAULTS below
+    for VBPR); train.py turns every field into a command-line flag (--club-fit for club_fit, ...)."""
+    backbone: str = option("dragon", "the recommender SAND is added to: dragon (MMRec's DRAGON without its user-user "
+                           "graph, the released SAND) or vbpr (the authors' VBPR+SAND; VBPR itself with "
+                           "--dist none --align none)", choices=("dragon", "vbpr"))
     dist: str = option("mi", "distancing: mi (CLUB bound), l2 (negative L2) or none", choices=("mi", "l2", "none"))
     align: str = option("solo", "alignment of the generic parts: solo (SoloSimLoss) or none", choices=("solo", "none"))
     club_fit: str = option("cross", "pairs the CLUB estimator is fitted on: cross = (a_text->a_image, "
@@ -57,6 +60,14 @@ class SANDConfig:
     n_layers: int = option(2, "LightGCN hops on the user-item graph", min=0)
     knn_k: int = option(10, "neighbours per item in the item-item graph", min=1)
     image_weight: float = option(0.1, "image share of the item-item graph (text gets the rest)", min=0, max=1)
+    reg_weight: float = option(0.0, "weight of the embedding regulariser emb_loss (--backbone vbpr)", min=0)
+    dropout: float = option(0.0, "dropout on the user and item embeddings in training (--backbone vbpr)", min=0, max=1)
+
+
+# Where the authors' VBPR+SAND (bruno686/MM_OOD: XVBPR.yaml and the configuration its log prints) differs
+# from the defaults above; train.py applies these unless a flag sets them (lr is train.py's).
+BACKBONE_DEFAULTS = {"dragon": {}, "vbpr": {"dist": "l2", "alpha": 0.1, "tau": 0.1, "w_l2": 0.01,
+                                            "reg_weight": 2.0, "dropout": 0.01, "lr": 1e-3}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,9 +127,16 @@ def item_graph(image, text, k, image_weight):
 # ---------------------------------------------------------------------------------------------
 # Losses: each one standalone, to lift into another model
 
-def bpr_loss(pos, neg):
-    """BPR with log base 2, as released: -mean log2 sigmoid(s(u, i+) - s(u, i-)).  [B], [B] -> scalar."""
-    return -F.logsigmoid(pos - neg).mean() / math.log(2)
+def bpr_loss(pos, neg, base=2):
+    """BPR, -mean log sigmoid(s(u, i+) - s(u, i-)), [B], [B] -> scalar; log base 2 as the released SAND,
+    base e as MMRec's BPRLoss (its VBPR)."""
+    return -F.logsigmoid(pos - neg).mean() / math.log(base)
+
+
+def emb_loss(*rows):
+    """MMRec's EmbLoss, VBPR's regulariser: the sum of the L2 (Frobenius) norms, not squared, of the
+    batch's embedding rows [B, D] each, over the batch size B."""
+    return sum(r.norm() for r in rows) / rows[-1].shape[0]
 
 
 def solo_sim_loss(anchor, other, tau):
@@ -196,6 +214,33 @@ def fit_club(club, optimizer, x, y, steps):
         with torch.no_grad():
             loss = club.nll(x, y)
     return loss.detach()
+
+
+def sand_loss(cfg, terms, aux, club, perms=None, solo=solo_sim_loss):
+    """SAND's total objective, as released: the backbone's own terms (BPR, a regulariser), then
+        L = ... + alpha * SoloSim + (ureg * CLUB  or  w_l2 * negL2), the distancing averaged over modalities.
+    terms: {name: value} of the backbone's loss; aux: per modality {"z": [I, D] alignment views (rows
+    L2-normalised), "a", "b": [I, K] distancing pairs}; perms [2, I]: the CLUB bound's permutations of
+    the items, text's then image's (--dist mi; drawn from torch's global generator if not given).
+    Returns (loss, {term: value}, the (x, y) pairs [2, I, K] the CLUB estimator is fitted on, or None)."""
+    t, v = aux.get("text"), aux.get("image")
+    terms, pairs = dict(terms), None
+    if cfg.align == "solo":
+        terms["solo"] = solo(t["z"], v["z"], cfg.tau)
+    if cfg.dist == "mi":  # text first, then image, as released
+        if perms is None:
+            perms = torch.stack([torch.randperm(len(t["a"]), device=t["a"].device) for _ in (t, v)])  # [2, I]
+        a, b = torch.stack([t["a"], v["a"]]), torch.stack([t["b"], v["b"]])  # [2, I, K] each
+        terms["club"] = club(a, b, perms).mean()  # [2] -> mean over the modalities
+        if cfg.club_fit == "cross":  # q(a_image | a_text) and q(b_image | b_text), as released
+            pairs = torch.stack([t["a"], t["b"]]), torch.stack([v["a"], v["b"]])
+        else:  # q(b_m | a_m), the pairs the bound is applied to (the paper)
+            pairs = a, b
+    elif cfg.dist == "l2":
+        terms["neg_l2"] = (neg_l2(t["a"], t["b"]) + neg_l2(v["a"], v["b"])) / 2
+    weight = {"bpr": 1.0, "reg": cfg.reg_weight, "solo": cfg.alpha, "club": cfg.ureg, "neg_l2": cfg.w_l2}
+    loss = sum(weight[k] * value for k, value in terms.items())
+    return loss, {k: value.detach() for k, value in terms.items()}, pairs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,33 +324,91 @@ class SAND(nn.Module):
             return u @ items.T  # [B, I]
         return (u * F.embedding(item, items)).sum(1)  # [B]
 
+    @torch.no_grad()
+    def parts(self):
+        """What the planted-factor diagnostic reads: per modality g_m, u_m, a_m, b_m [I, *]."""
+        out = {}
+        for m in MODALITIES:
+            _, g, u = self.split(m)
+            out.update({f"{m} generic": g, f"{m} unique": u, f"{m} a": self.to_a[m](g), f"{m} b": self.to_b[m](u)})
+        return out
+
     def loss(self, user, pos, neg, club, perms=None):
-        """Training loss for one BPR batch, the paper's total objective as released:
-            L = BPR + alpha * SoloSim + (ureg * CLUB  or  w_l2 * negL2), distancing averaged over modalities.
-        Returns (loss, {term: value}, (x, y) pairs [2, I, 32] the CLUB estimator is fitted on, or None).
-        perms [2, I]: the CLUB bound's random permutations of the items, text's then image's (--dist mi;
-        drawn from torch's global generator if not given; train.py's sampler draws them)."""
-        cfg = self.cfg
+        """Training loss for one BPR batch: BPR (log base 2), then sand_loss. -> (loss, terms, CLUB pairs)"""
         users, items, aux = self(parts=True)
-        terms = {"bpr": bpr_loss(self.score(users, items, user, pos), self.score(users, items, user, neg))}
-        pairs = None
-        t, v = aux["text"], aux["image"]
-        if cfg.align == "solo":
-            terms["solo"] = self.solo_sim_loss(t["z"], v["z"], cfg.tau)
-        if cfg.dist == "mi":  # text first, then image, as released
-            if perms is None:
-                perms = torch.stack([torch.randperm(items.shape[0], device=user.device) for _ in (t, v)])  # [2, I]
-            a, b = torch.stack([t["a"], v["a"]]), torch.stack([t["b"], v["b"]])  # [2, I, 32] each
-            terms["club"] = club(a, b, perms).mean()  # [2] -> mean over the modalities
-            if cfg.club_fit == "cross":  # q(a_image | a_text) and q(b_image | b_text), as released
-                pairs = torch.stack([t["a"], t["b"]]), torch.stack([v["a"], v["b"]])
-            else:  # q(b_m | a_m), the pairs the bound is applied to (the paper)
-                pairs = a, b
-        elif cfg.dist == "l2":
-            terms["neg_l2"] = (neg_l2(t["a"], t["b"]) + neg_l2(v["a"], v["b"])) / 2
-        weight = {"bpr": 1.0, "solo": cfg.alpha, "club": cfg.ureg, "neg_l2": cfg.w_l2}
-        loss = sum(weight[k] * v for k, v in terms.items())
-        return loss, {k: v.detach() for k, v in terms.items()}, pairs
+        bpr = bpr_loss(self.score(users, items, user, pos), self.score(users, items, user, neg))
+        return sand_loss(self.cfg, {"bpr": bpr}, aux, club, perms, self.solo_sim_loss)
+
+
+class VBPRSAND(nn.Module):
+    """SAND on a VBPR backbone, the paper's generalisation experiment, as the authors' XVBPR
+    (bruno686/MM_OOD, src/models/xvbpr.py). Per modality m with item features f_m [I, d_m], d = embed_dim:
+        X_m = Linear(d_m -> d)(f_m),  g_m, u_m = X_m[:, :d/2], X_m[:, d/2:]     generic and unique halves
+        z_m = normalise(head_m(g_m))                                            head as SAND's, [I, 32]
+    item = [E_i | z_text | z_image],  user = P_u,  score = user . item, dropout on both in training.
+    The generic halves reach the score through z_m; the unique halves feed only the distancing, which
+    acts on the halves themselves (a_m = g_m, b_m = u_m). Loss: BPR (natural log, MMRec's BPRLoss) +
+    reg_weight * emb_loss(batch rows) + sand_loss's terms. With --dist none --align none it is MMRec's
+    plain VBPR: item = [E_i | Linear(d_text + d_image -> d)([f_text | f_image])]."""
+    solo_sim_loss = staticmethod(solo_sim_loss)  # FastVBPRSAND's fast path
+    score = staticmethod(SAND.score)
+
+    def __init__(self, cfg, n_users, features):
+        super().__init__()
+        self.cfg, self.n_users, d = cfg, n_users, cfg.embed_dim
+        self.plain = cfg.dist == "none" and cfg.align == "none"  # MMRec's VBPR
+        for m in MODALITIES:  # frozen raw features [I, d_m]; constants, not saved in checkpoints
+            self.register_buffer(f"feat_{m}", features[m], persistent=False)
+        n_items = features["text"].shape[0]
+        width = d + (d if self.plain else 2 * cfg.align_dim)  # the score's dimension
+        self.user = nn.Parameter(nn.init.xavier_uniform_(torch.empty(n_users, width)))  # as released
+        self.item = nn.Parameter(nn.init.xavier_uniform_(torch.empty(n_items, d)))
+        if self.plain:
+            self.features = nn.Linear(sum(f.shape[1] for f in features.values()), d)
+        else:
+            self.transform = nn.ModuleDict({m: nn.Linear(features[m].shape[1], d) for m in MODALITIES})
+            self.head = nn.ModuleDict({m: nn.Sequential(
+                nn.Linear(d // 2, cfg.head_dim), nn.BatchNorm1d(cfg.head_dim), nn.ReLU(), nn.Linear(cfg.head_dim, cfg.head_dim),
+                nn.BatchNorm1d(cfg.head_dim), nn.ReLU(), nn.Linear(cfg.head_dim, cfg.align_dim)) for m in MODALITIES})
+        for module in self.modules():  # MMRec's xavier_normal_initialization
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_normal_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def split(self, m):
+        """X_m = transform_m(f_m) [I, d] and its generic and unique halves [I, d/2] each."""
+        x = self.transform[m](getattr(self, f"feat_{m}"))  # [I, d]
+        return x, x[:, :x.shape[1] // 2], x[:, x.shape[1] // 2:]
+
+    def forward(self, parts=True):
+        """-> users [U, D], items [I, D], and per modality {"z", "a", "b"} (if parts)."""
+        aux = {}
+        if self.plain:
+            feats = self.features(torch.cat([self.feat_text, self.feat_image], dim=1))  # [I, d]
+        else:
+            for m in MODALITIES:
+                _, g, u = self.split(m)
+                aux[m] = {"z": F.normalize(self.head[m](g), dim=1), "a": g, "b": u}  # [I, 32], [I, d/2] x 2
+            feats = torch.cat([aux["text"]["z"], aux["image"]["z"]], dim=1)  # [I, 64]: text first, as released
+        items = torch.cat([self.item, feats], dim=1)  # [I, D]
+        drop = lambda e: F.dropout(e, self.cfg.dropout, self.training)  # released: also at evaluation (a bug)
+        return drop(self.user), drop(items), aux
+
+    @torch.no_grad()
+    def parts(self):
+        """What the planted-factor diagnostic reads: per modality g_m and u_m; plain VBPR: its feature map."""
+        if self.plain:
+            return {"features": self.features(torch.cat([self.feat_text, self.feat_image], dim=1))}
+        return {f"{m} {name}": x for m in MODALITIES for name, x in zip(("generic", "unique"), self.split(m)[1:])}
+
+    def loss(self, user, pos, neg, club, perms=None):
+        """Training loss for one BPR batch: BPR (natural log) + reg_weight * emb_loss, then sand_loss."""
+        users, items, aux = self(parts=True)
+        u, i, j = F.embedding(user, users), F.embedding(pos, items), F.embedding(neg, items)  # [B, D] each
+        terms = {"bpr": bpr_loss((u * i).sum(1), (u * j).sum(1), base=math.e)}
+        if self.cfg.reg_weight:
+            terms["reg"] = emb_loss(u, i, j)
+        return sand_loss(self.cfg, terms, aux, club, perms, self.solo_sim_loss)
 
 
 # =============================================================================================
@@ -440,6 +543,11 @@ def fit_club_fast(club, optimizer, x, y, steps):
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return (r * re + logvar).sum() / (2 * n)  # the last step's nll (before its update)
+
+
+class FastVBPRSAND(VBPRSAND):
+    """VBPRSAND with solo_sim_loss_fast (its other pieces are small)."""
+    solo_sim_loss = staticmethod(solo_sim_loss_fast)
 
 
 class FastSAND(SAND):

@@ -32,9 +32,7 @@ def tiny(seed=0):
 
 
 def run_cfg(**kw):
-    sand_kw = {k: v for k, v in kw.items() if k in SANDConfig.__dataclass_fields__}
-    train_kw = {k: v for k, v in kw.items() if k not in sand_kw}
-    return train.RunConfig(SANDConfig(**sand_kw), train.TrainConfig(**train_kw))
+    return train.make_config(**kw)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -874,6 +872,89 @@ def test_the_readme_example_runs_and_each_optimizer_moves_only_its_own_parameter
 
 
 # ---------------------------------------------------------------------------------------------
+# The VBPR backbone (the authors' VBPR+SAND, and VBPR itself)
+
+def vbpr(dist="l2", align="solo", **kw):
+    ds = tiny()
+    cfg = run_cfg(backbone="vbpr", dist=dist, align=align, **kw)
+    return (ds, cfg, *train.build(cfg, ds, torch.device("cpu"), 0))
+
+
+def test_vbpr_defaults_come_from_the_authors_configuration_and_flags_override_them():
+    cfg = run_cfg(backbone="vbpr")
+    assert (cfg.sand.dist, cfg.sand.alpha, cfg.sand.tau, cfg.sand.w_l2, cfg.sand.reg_weight, cfg.sand.dropout,
+            cfg.train.lr) == ("l2", 0.1, 0.1, 0.01, 2.0, 0.01, 1e-3)
+    assert run_cfg(backbone="vbpr", alpha=0.5).sand.alpha == 0.5 and run_cfg().sand.alpha == 0.012
+    args = train.parser().parse_args(["--backbone", "vbpr", "--tau", "0.3"])
+    cfg = train.config_from_args(args)
+    assert (cfg.sand.tau, cfg.sand.alpha, cfg.train.lr) == (0.3, 0.1, 1e-3)
+    assert train.default_folder(cfg) == os.path.join("runs", "synthetic-l2-seed999-backbone=vbpr-tau=0.3")
+
+
+@pytest.mark.parametrize("dist, align", [("l2", "solo"), ("mi", "solo"), ("none", "none")])
+def test_vbpr_scores_match_the_dense_formula(dist, align):
+    ds, cfg, model, club, *_ = vbpr(dist, align)
+    model.eval()  # no dropout, BatchNorm on its running statistics
+    with torch.no_grad():
+        users, items, aux = model()
+        f = {m: getattr(model, f"feat_{m}") for m in MODALITIES}
+        if align == "none" and dist == "none":  # MMRec's VBPR: [E_i | W [f_text | f_image] + c]
+            feats = torch.cat([f["text"], f["image"]], 1) @ model.features.weight.T + model.features.bias
+            assert not hasattr(model, "head")
+        else:
+            z = {}
+            for m in MODALITIES:
+                x = f[m] @ model.transform[m].weight.T + model.transform[m].bias  # [I, 64]
+                h = x[:, :32]  # the generic half, through Linear BN ReLU Linear BN ReLU Linear
+                for lin, bn in ((model.head[m][0], model.head[m][1]), (model.head[m][3], model.head[m][4])):
+                    h = h @ lin.weight.T + lin.bias
+                    h = ((h - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps) * bn.weight + bn.bias).clamp_min(0)
+                h = h @ model.head[m][6].weight.T + model.head[m][6].bias
+                z[m] = h / h.norm(dim=1, keepdim=True)
+                torch.testing.assert_close(aux[m]["a"], x[:, :32])
+                torch.testing.assert_close(aux[m]["b"], x[:, 32:])
+            feats = torch.cat([z["text"], z["image"]], 1)
+        want = model.user @ torch.cat([model.item, feats], 1).T  # [U, I]
+        user = torch.arange(ds.n_users)
+        torch.testing.assert_close(model.score(users, items, user), want, rtol=1e-5, atol=1e-5)
+    model.train()  # dropout 0.01 in training only (the released code also drops at evaluation)
+    assert not torch.equal(model()[0], model.user)
+
+
+def test_vbpr_loss_is_bpr_plus_the_regulariser_when_both_auxiliary_terms_are_off():
+    ds, cfg, model, club, *_ = vbpr("none", "none", dropout=0.0)
+    user, pos, neg = (torch.from_numpy(ds.train[:300, 0]), torch.from_numpy(ds.train[:300, 1]),
+                      torch.randint(ds.n_items, (300,)))
+    loss, terms, pairs = model.loss(user, pos, neg, club)
+    users, items, _ = model()
+    u, i, j = users[user], items[pos], items[neg]
+    bpr = -torch.log(torch.sigmoid((u * i).sum(1) - (u * j).sum(1))).mean()  # natural log, as MMRec's BPRLoss
+    reg = (u.norm() + i.norm() + j.norm()) / 300  # MMRec's EmbLoss: norms, not squared, over the batch size
+    torch.testing.assert_close(loss, bpr + 2.0 * reg)
+    assert set(terms) == {"bpr", "reg"} and pairs is None
+    loss, terms, pairs = vbpr("mi", "solo")[2].loss(user, pos, neg, club)  # VBPR+SAND: every term, CLUB pairs [2, I, 32]
+    assert set(terms) == {"bpr", "reg", "solo", "club"} and pairs[0].shape == (2, ds.n_items, 32)
+
+
+@pytest.mark.parametrize("dist, align", [("l2", "solo"), ("mi", "solo"), ("none", "none")])
+def test_vbpr_learns_beats_most_popular_and_the_diagnostic_reads_its_parts(tmp_path, dist, align):
+    ds = tiny()
+    most_popular = train.most_popular(ds, torch.device("cpu"))["test"]["recall@20"]
+    cfg = run_cfg(backbone="vbpr", dist=dist, align=align, epochs=60, batch_size=512, club_steps=5)
+    results, _, _ = train.fit(cfg, ds, torch.device("cpu"), str(tmp_path), log=lambda *_: None)
+    with open(tmp_path / "metrics.csv") as f:
+        first = float(next(csv.DictReader(f))["valid_recall@20"])
+    assert results["valid"]["recall@20"] > 1.1 * first
+    parts = results["unique_info_r2"]["best"]
+    if align == "none":  # plain VBPR: one feature map of both modalities. On this data it stays below popularity
+        assert set(parts) == {"features"} and parts["features"]["image"] > 0.5 and parts["features"]["text"] > 0.5
+    else:  # VBPR+SAND beats popularity; each half carries its own modality's factors, not the other's
+        assert results["test"]["recall@20"] > 1.15 * most_popular
+        assert set(parts) == {f"{m} {h}" for m in MODALITIES for h in ("generic", "unique")}
+        assert parts["image unique"]["image"] > 0.5 and abs(parts["image unique"]["text"]) < 0.1
+
+
+# ---------------------------------------------------------------------------------------------
 # Runs end to end
 
 def quick_fit(tmp_path, epochs=3, **kw):
@@ -1216,11 +1297,10 @@ def test_unique_info_reads_each_part_against_each_factor():
     noise = as_t(rng.standard_normal((400, 4)))
 
     class Parts:  # stands in for a trained SAND: parts that carry exactly one factor group each
-        to_a = {m: lambda g: noise for m in MODALITIES}  # a_m: nothing
-        to_b = {m: lambda g, m=m: as_t(factors[m] + factors["generic"]) for m in MODALITIES}  # b_m: half each
-
-        def split(self, m):  # X_m, g_m, u_m
-            return None, as_t(factors["generic"]), as_t(factors[m])
+        def parts(self):
+            return {f"{m} {name}": x for m in MODALITIES for name, x in (
+                ("generic", as_t(factors["generic"])), ("unique", as_t(factors[m])), ("a", noise),
+                ("b", as_t(factors[m] + factors["generic"])))}
     r2 = train.unique_info(Parts(), factors)
     assert r2["image unique"]["image"] > 0.99 and abs(r2["image unique"]["text"]) < 0.05
     assert r2["text generic"]["generic"] > 0.99 and abs(r2["text generic"]["image"]) < 0.05
@@ -1316,7 +1396,7 @@ def test_grid_chooses_by_valid_never_by_test_and_skips_a_point_that_diverged(tmp
 
 
 @pytest.mark.parametrize("words, expect", [
-    (["lamda=0.1"], "--grid 'lamda=0.1' is not SETTING=V1,V2,... with one of the settings that change results: dist,"),
+    (["lamda=0.1"], "--grid 'lamda=0.1' is not SETTING=V1,V2,... with one of the settings that change results: backbone, dist,"),
     (["alpha"], "--grid 'alpha' is not SETTING=V1,V2,..."),
     (["alpha=0.1,x"], "--grid alpha=x: 'x' is not a float"),
     (["club_steps=5,2.5"], "--grid club_steps=2.5: '2.5' is not an int"),

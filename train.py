@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 import data
-from sand import (CLUB, MODALITIES, SAND, FastSAND, SANDConfig, chunk_rows, fit_club, fit_club_fast, item_graph,
-                  lightgcn_adjacency, option)
+from sand import (BACKBONE_DEFAULTS, CLUB, MODALITIES, SAND, VBPRSAND, FastSAND, FastVBPRSAND, SANDConfig,
+                  chunk_rows, fit_club, fit_club_fast, item_graph, lightgcn_adjacency, option)
 
 KS = (10, 20)  # Recall@K and NDCG@K
 CHECKPOINT_SECONDS = 60  # last.pt and best.pt: after the first epoch, then at most this often, and at the end
@@ -208,8 +208,8 @@ def ridge_r2(x_fit, x_new, targets, penalties=10.0 ** np.arange(-3, 5)):
 
 def unique_info(model, factors, seed=0):
     """R^2 of each planted factor group (generic, image-unique, text-unique) predicted from each
-    learned part of each modality (g_m, u_m and their distancing projections a_m, b_m) by ridge
-    regression fitted on a random half of the items and scored on the other half."""
+    learned part that the model's parts() gives (SAND: per modality g_m, u_m and their distancing
+    projections a_m, b_m) by ridge regression fitted on a random half of the items, scored on the other half."""
     STATUS.show("planted-factor diagnostic: ridge R^2 of each learned part ...")
     n = len(factors["generic"])
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
@@ -219,14 +219,10 @@ def unique_info(model, factors, seed=0):
         y = torch.from_numpy(f).double()
         truth[name] = (y[fit_rows], y[new_rows])
     out = {}
-    for m in MODALITIES:
-        with torch.no_grad():
-            _, g, u = model.split(m)
-            parts = {"generic": g, "unique": u, "a": model.to_a[m](g), "b": model.to_b[m](u)}
-        for part, x in parts.items():
-            x = x.cpu()  # float32; only the two halves of the rows are made float64
-            r2 = ridge_r2(x[fit_rows].double(), x[new_rows].double(), truth)
-            out[f"{m} {part}"] = {name: round(v, 4) for name, v in r2.items()}
+    for part, x in model.parts().items():
+        x = x.cpu()  # float32; only the two halves of the rows are made float64
+        r2 = ridge_r2(x[fit_rows].double(), x[new_rows].double(), truth)
+        out[part] = {name: round(v, 4) for name, v in r2.items()}
     return out
 
 
@@ -250,10 +246,26 @@ def flag(name):
     return "--" + name.replace("_", "-")
 
 
+def default(f, backbone):
+    """The default of configuration field `f` for `backbone` (sand.BACKBONE_DEFAULTS, else the field's)."""
+    return BACKBONE_DEFAULTS[backbone].get(f.name, f.default)
+
+
+def make_config(**settings):
+    """A run configuration with these settings; every other one at its default for the backbone."""
+    backbone = settings.get("backbone", SANDConfig.backbone)
+    parts = [{f.name: settings.get(f.name, default(f, backbone)) for f in dataclasses.fields(cls)}
+             for cls in (SANDConfig, TrainConfig)]
+    unknown = settings.keys() - parts[0].keys() - parts[1].keys()
+    if unknown:
+        raise TypeError(f"make_config: no setting {', '.join(sorted(unknown))}")
+    return RunConfig(SANDConfig(**parts[0]), TrainConfig(**parts[1]))
+
+
 def off_default(cfg):
-    """{field: value} of every setting of the run configuration that is not at its default."""
+    """{field: value} of every setting of the run configuration that is not at its default (for its backbone)."""
     return {f.name: getattr(part, f.name) for part in (cfg.sand, cfg.train) for f in dataclasses.fields(part)
-            if getattr(part, f.name) != f.default}
+            if getattr(part, f.name) != default(f, cfg.sand.backbone)}
 
 
 def resolve_device(name):
@@ -273,17 +285,21 @@ def resolve_device(name):
 
 def build(cfg, ds, device, seed):
     """Model, CLUB estimator and their optimizers, initialised from `seed`."""
-    if cfg.sand.knn_k > ds.n_items:
-        raise UsageError(f"--knn-k {cfg.sand.knn_k} is more than the {ds.n_items} items of {ds.name}")
     torch.manual_seed(seed)
-    train = torch.from_numpy(ds.train)
     features = {"image": torch.from_numpy(ds.image), "text": torch.from_numpy(ds.text)}
-    adjacency = lightgcn_adjacency(train, ds.n_users, ds.n_items)
-    STATUS.show(f"building the item-item kNN graph of {ds.n_items} items ...")
-    graph = item_graph(features["image"].to(device), features["text"].to(device), cfg.sand.knn_k,
-                       cfg.sand.image_weight)
-    model = (SAND if cfg.train.plain else FastSAND)(cfg.sand, ds.n_users, features, adjacency, graph).to(device)
-    club = CLUB(cfg.sand.dist_dim, cfg.sand.club_hidden).to(device)
+    if cfg.sand.backbone == "vbpr":
+        model = (VBPRSAND if cfg.train.plain else FastVBPRSAND)(cfg.sand, ds.n_users, features).to(device)
+        pair_dim = cfg.sand.embed_dim // 2  # the distancing pairs are the halves themselves
+    else:
+        if cfg.sand.knn_k > ds.n_items:
+            raise UsageError(f"--knn-k {cfg.sand.knn_k} is more than the {ds.n_items} items of {ds.name}")
+        adjacency = lightgcn_adjacency(torch.from_numpy(ds.train), ds.n_users, ds.n_items)
+        STATUS.show(f"building the item-item kNN graph of {ds.n_items} items ...")
+        graph = item_graph(features["image"].to(device), features["text"].to(device), cfg.sand.knn_k,
+                           cfg.sand.image_weight)
+        model = (SAND if cfg.train.plain else FastSAND)(cfg.sand, ds.n_users, features, adjacency, graph).to(device)
+        pair_dim = cfg.sand.dist_dim
+    club = CLUB(pair_dim, cfg.sand.club_hidden).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, fused=True)
     club_opt = torch.optim.Adam(club.parameters(), lr=cfg.train.lr, fused=True)
     return model, club, opt, club_opt
@@ -562,8 +578,8 @@ def load_checkpoint(path):
 
 
 def config_from_checkpoint(ckpt):
-    c = ckpt["config"]
-    return RunConfig(SANDConfig(**c["sand"]), TrainConfig(**c["train"]))
+    c = ckpt["config"]  # a setting added since it was written takes its default
+    return make_config(**c["sand"], **c["train"])
 
 
 # A saved run keeps its configuration when it is continued (--resume) or evaluated (--eval-only). Only
@@ -681,12 +697,12 @@ def train_one(cfg, ds, device, out, resume=None, log=print):
 
 
 ABLATIONS = [  # the ablation grid's points: (run folder prefix, what it is, settings)
-    ("mi-cross", "SAND, --dist mi (CLUB fitted cross-modal, as released)", {}),
-    ("mi-intra", "SAND, --dist mi --club-fit intra (as the paper describes)", {"club_fit": "intra"}),
-    ("l2", "SAND, --dist l2", {"dist": "l2"}),
-    ("align-only", "alignment only: --dist none", {"dist": "none"}),
-    ("dist-only", "distancing only: --align none (--dist mi)", {"align": "none"}),
-    ("neither", "neither: --dist none --align none", {"dist": "none", "align": "none"}),
+    ("mi-cross", "SAND, --dist mi (CLUB fitted cross-modal, as released)", {"dist": "mi", "align": "solo", "club_fit": "cross"}),
+    ("mi-intra", "SAND, --dist mi --club-fit intra (as the paper describes)", {"dist": "mi", "align": "solo", "club_fit": "intra"}),
+    ("l2", "SAND, --dist l2", {"dist": "l2", "align": "solo"}),
+    ("align-only", "alignment only: --dist none", {"dist": "none", "align": "solo"}),
+    ("dist-only", "distancing only: --align none --dist mi", {"dist": "mi", "align": "none"}),
+    ("neither", "neither: --dist none --align none (with --backbone vbpr: VBPR itself)", {"dist": "none", "align": "none"}),
 ]
 METRICS = [f"{m}@{k}" for k in KS for m in ("recall", "ndcg")]
 # what --grid may list: every setting that changes results, except the data and the seed (--seeds)
@@ -727,11 +743,9 @@ def grid_points(specs):
 
 
 def with_settings(cfg, changes, **train):
-    """A copy of the run configuration with `changes` (model or training settings) and `train` applied."""
-    sand_changes = {k: v for k, v in changes.items() if hasattr(cfg.sand, k)}
-    train_changes = {k: v for k, v in changes.items() if k not in sand_changes}
-    return RunConfig(dataclasses.replace(cfg.sand, **sand_changes),
-                     dataclasses.replace(cfg.train, **train_changes, **train))
+    """The run configuration with `changes` (model or training settings) and `train` applied; a changed
+    backbone brings its own defaults for the settings left at theirs."""
+    return make_config(**{**off_default(cfg), **changes, **train})
 
 
 def grid_runs(cfg, points):
@@ -816,8 +830,11 @@ def read_finished(folder, cfg):
             results = json.load(f)
     except (OSError, ValueError):
         return None
-    now = json.loads(json.dumps(dataclasses.asdict(cfg)))  # as config.json holds it (a tuple is a list there)
-    same = saved["sand"] == now["sand"] and saved["train"] == now["train"]
+    as_json = lambda c: json.loads(json.dumps(dataclasses.asdict(c)))  # a tuple is a list there
+    try:  # a setting added since the run was made takes its default
+        same = as_json(make_config(**saved["sand"], **saved["train"])) == as_json(cfg)
+    except TypeError:  # a setting that no longer exists
+        return None
     return results if same else None
 
 
@@ -857,14 +874,16 @@ def parser():
     for group, cls in (("training", TrainConfig), ("model (defaults: the authors' released code)", SANDConfig)):
         g = p.add_argument_group(group)
         for f in dataclasses.fields(cls):
+            # default None: a flag left out takes its default for the backbone (make_config)
             if f.type is bool:
-                g.add_argument(flag(f.name), action="store_true", help=f.metadata["help"])
+                g.add_argument(flag(f.name), action="store_true", default=None, help=f.metadata["help"])
             elif "nargs" in f.metadata:
-                g.add_argument(flag(f.name), nargs=f.metadata["nargs"], default=f.default, help=f.metadata["help"],
+                g.add_argument(flag(f.name), nargs=f.metadata["nargs"], help=f.metadata["help"],
                                metavar=f.metadata["metavar"])
             else:
-                shown = f" (default: {f.default})" if f.default != "" else ""
-                g.add_argument(flag(f.name), type=f.type, default=f.default, help=f.metadata["help"] + shown,
+                others = "".join(f"; {b}: {d[f.name]}" for b, d in BACKBONE_DEFAULTS.items() if f.name in d)
+                shown = f" (default: {f.default}{others})" if f.default != "" else ""
+                g.add_argument(flag(f.name), type=f.type, help=f.metadata["help"] + shown,
                                choices=f.metadata.get("choices"))
     return p
 
@@ -904,10 +923,10 @@ def check(cfg):
 
 
 def config_from_args(args):
-    values = vars(args)
-    values["grid"] = tuple(values["grid"])  # argparse gives a list
-    return RunConfig(SANDConfig(**{f.name: values[f.name] for f in dataclasses.fields(SANDConfig)}),
-                     TrainConfig(**{f.name: values[f.name] for f in dataclasses.fields(TrainConfig)}))
+    given = {k: v for k, v in vars(args).items() if v is not None}  # the flags on the command line
+    if "grid" in given:
+        given["grid"] = tuple(given["grid"])  # argparse gives a list
+    return make_config(**given)
 
 
 def main(argv=None):
