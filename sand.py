@@ -10,11 +10,12 @@ Equation numbers are those of the paper's v1, as the released code cites them.
 The method, in plain torch (autograd, the formulas as the paper and the released code state them):
   1. SANDConfig: every hyper-parameter and its default (the authors' released code).
   2. The graphs: the user-item LightGCN adjacency and propagation, the frozen item-item kNN graph.
-  3. The losses, each standalone: bpr_loss, solo_sim_loss, CLUB (+ fit_club), neg_l2.
-  4. The model: SAND.
+  3. The losses, each standalone: bpr_loss, emb_loss, solo_sim_loss, CLUB (+ fit_club), neg_l2; and
+     sand_loss, SAND's total objective on any backbone.
+  4. The models: SAND (the released backbone) and VBPRSAND (the paper's VBPR+SAND, and VBPR).
 Then its exact fast paths, each with the inputs and outputs of the plain piece it replaces:
-  lightgcn_fast, solo_sim_loss_fast, fit_club_fast, and FastSAND (SAND with the composed feature
-  transform and the fast pieces). train.py runs the fast tier, `--plain` the plain one.
+  lightgcn_fast, solo_sim_loss_fast, fit_club_fast, FastSAND (SAND with the composed feature transform
+  and the fast pieces) and FastVBPRSAND. train.py runs the fast tier, `--plain` the plain one.
 """
 import math
 import warnings
@@ -244,10 +245,18 @@ def sand_loss(cfg, terms, aux, club, perms=None, solo=solo_sim_loss):
 
 
 # ---------------------------------------------------------------------------------------------
-# The model
+# The models
+
+def projection_head(d_in, hidden, d_out):
+    """The alignment head, as released: Linear BN ReLU Linear BN ReLU Linear (its output is L2-normalised)."""
+    return nn.Sequential(nn.Linear(d_in, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, hidden),
+                         nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, d_out))
+
 
 class SAND(nn.Module):
-    """SAND on a LightGCN backbone, as released. Per modality m with item features f_m [I, d_m]:
+    """SAND on its released backbone, MMRec's DRAGON without the user-user graph: a LightGCN per
+    modality, fused with per-user modality weights and a frozen item-item graph. Per modality m with
+    item features f_m [I, d_m]:
         X_m = Linear(d_m -> d_m)(f_m)                  feature transform (all items)
         g_m, u_m = X_m[:, :d_m/2], X_m[:, d_m/2:]      generic and unique halves (auxiliary losses only)
         item_m = Linear(256 -> 64)(LeakyReLU(Linear(d_m -> 256)(X_m)))
@@ -274,10 +283,7 @@ class SAND(nn.Module):
             self.mlp_in[m] = nn.Linear(d, cfg.mlp_dim)
             self.mlp_out[m] = nn.Linear(cfg.mlp_dim, cfg.embed_dim)
             self.pref[m] = nn.Parameter(nn.init.xavier_normal_(torch.empty(n_users, cfg.embed_dim)))
-            # the alignment head, as released: Linear BN ReLU Linear BN ReLU Linear (then L2-normalised)
-            self.head[m] = nn.Sequential(nn.Linear(d // 2, cfg.head_dim), nn.BatchNorm1d(cfg.head_dim), nn.ReLU(),
-                                         nn.Linear(cfg.head_dim, cfg.head_dim), nn.BatchNorm1d(cfg.head_dim),
-                                         nn.ReLU(), nn.Linear(cfg.head_dim, cfg.align_dim))
+            self.head[m] = projection_head(d // 2, cfg.head_dim, cfg.align_dim)
             self.to_a[m] = nn.Linear(d // 2, cfg.dist_dim)
             self.to_b[m] = nn.Linear(d - d // 2, cfg.dist_dim)
         w = nn.init.xavier_normal_(torch.empty(n_users, len(MODALITIES), 1))  # as released
@@ -352,38 +358,32 @@ class VBPRSAND(nn.Module):
     plain VBPR: item = [E_i | Linear(d_text + d_image -> d)([f_text | f_image])]."""
     solo_sim_loss = staticmethod(solo_sim_loss)  # FastVBPRSAND's fast path
     score = staticmethod(SAND.score)
+    split = SAND.split  # X_m and its halves
 
     def __init__(self, cfg, n_users, features):
         super().__init__()
         self.cfg, self.n_users, d = cfg, n_users, cfg.embed_dim
-        self.plain = cfg.dist == "none" and cfg.align == "none"  # MMRec's VBPR
+        self.vbpr_only = cfg.dist == "none" and cfg.align == "none"  # MMRec's plain VBPR
         for m in MODALITIES:  # frozen raw features [I, d_m]; constants, not saved in checkpoints
             self.register_buffer(f"feat_{m}", features[m], persistent=False)
         n_items = features["text"].shape[0]
-        width = d + (d if self.plain else 2 * cfg.align_dim)  # the score's dimension
+        width = d + (d if self.vbpr_only else 2 * cfg.align_dim)  # the score's dimension
         self.user = nn.Parameter(nn.init.xavier_uniform_(torch.empty(n_users, width)))  # as released
         self.item = nn.Parameter(nn.init.xavier_uniform_(torch.empty(n_items, d)))
-        if self.plain:
+        if self.vbpr_only:
             self.features = nn.Linear(sum(f.shape[1] for f in features.values()), d)
         else:
             self.transform = nn.ModuleDict({m: nn.Linear(features[m].shape[1], d) for m in MODALITIES})
-            self.head = nn.ModuleDict({m: nn.Sequential(
-                nn.Linear(d // 2, cfg.head_dim), nn.BatchNorm1d(cfg.head_dim), nn.ReLU(), nn.Linear(cfg.head_dim, cfg.head_dim),
-                nn.BatchNorm1d(cfg.head_dim), nn.ReLU(), nn.Linear(cfg.head_dim, cfg.align_dim)) for m in MODALITIES})
+            self.head = nn.ModuleDict({m: projection_head(d // 2, cfg.head_dim, cfg.align_dim) for m in MODALITIES})
         for module in self.modules():  # MMRec's xavier_normal_initialization
             if isinstance(module, nn.Linear):
                 nn.init.xavier_normal_(module.weight)
                 nn.init.zeros_(module.bias)
 
-    def split(self, m):
-        """X_m = transform_m(f_m) [I, d] and its generic and unique halves [I, d/2] each."""
-        x = self.transform[m](getattr(self, f"feat_{m}"))  # [I, d]
-        return x, x[:, :x.shape[1] // 2], x[:, x.shape[1] // 2:]
-
     def forward(self, parts=True):
-        """-> users [U, D], items [I, D], and per modality {"z", "a", "b"} (if parts)."""
+        """-> users [U, D], items [I, D], and per modality {"z", "a", "b"} (whether or not `parts`: z is scored)."""
         aux = {}
-        if self.plain:
+        if self.vbpr_only:
             feats = self.features(torch.cat([self.feat_text, self.feat_image], dim=1))  # [I, d]
         else:
             for m in MODALITIES:
@@ -397,7 +397,7 @@ class VBPRSAND(nn.Module):
     @torch.no_grad()
     def parts(self):
         """What the planted-factor diagnostic reads: per modality g_m and u_m; plain VBPR: its feature map."""
-        if self.plain:
+        if self.vbpr_only:
             return {"features": self.features(torch.cat([self.feat_text, self.feat_image], dim=1))}
         return {f"{m} {name}": x for m in MODALITIES for name, x in zip(("generic", "unique"), self.split(m)[1:])}
 
