@@ -414,8 +414,9 @@ class VBPRSAND(nn.Module):
 # =============================================================================================
 # Exact fast paths. Each one replaces one plain piece above, with the same inputs and outputs, and is
 # tested equal to it (test_sand.py); where it is not exact (another estimator, a learnable temperature)
-# it runs the plain piece. Savings measured at Baby's shapes (synthetic-baby) on 2 CPU cores, torch 2.13,
-# forward + backward of one batch of 2048 (60 batches an epoch), best of 5.
+# it runs the plain piece. Savings measured side by side at Baby's shapes (synthetic-baby) on 2 CPU cores,
+# torch 2.13: forward + backward of one batch of 2048, best of several rounds; an epoch is 60 batches,
+# 67 to 85 s with every fast path in the same session (the README's speed table).
 
 # Largest temporary [rows, n_items] block of solo_sim_loss_fast and of evaluation scores, in float32
 # elements, per device type. CPU: 4 MiB (blocks of 64 MiB were 1.5x to 1.7x slower, of 2 MiB or less
@@ -444,8 +445,8 @@ class _SymmetricSparseMM(torch.autograd.Function):
 
 def lightgcn_fast(adj, h0, n_layers):
     """lightgcn, for the symmetric A that a LightGCN adjacency D^-1/2 (R + R^T) D^-1/2 is: each hop's
-    backward is a product with A itself. Saves 0.036 s of 0.076 s per batch for both modalities'
-    propagation (2.2 s of a 44 s CPU epoch)."""
+    backward is a product with A itself. Saves 0.042 s of 0.074 s per batch for both modalities'
+    propagation (2.5 s of a CPU epoch)."""
     out, h = h0, h0
     for _ in range(n_layers):
         h = _SymmetricSparseMM.apply(adj, h)  # [N, D]
@@ -456,7 +457,7 @@ def lightgcn_fast(adj, h0, n_layers):
 def solo_sim_loss_fast(anchor, other, tau):
     """solo_sim_loss with its gradient computed in the same pass as the loss, over row blocks of the
     logits: no N x N matrix is kept (at Clothing's 26,071 items, autograd holds several of 2.7 GB each).
-    Saves 0.61 s of 0.80 s per batch (36 s of a CPU epoch). A learnable temperature (a tensor that needs
+    Saves 0.67 s of 0.78 s per batch (40 s of a CPU epoch). A learnable temperature (a tensor that needs
     a gradient) runs the plain solo_sim_loss; a second derivative (create_graph=True) is refused."""
     if torch.is_tensor(tau) and tau.requires_grad:
         return solo_sim_loss(anchor, other, tau)
@@ -511,7 +512,7 @@ def _is_plain_club(club):
 
 def fit_club_fast(club, optimizer, x, y, steps):
     """fit_club with the nll's gradient written out, both first layers in one matmul: a third of
-    autograd's kernels. Saves 0.27 s of 0.57 s per batch's 50 steps (16 s of a CPU epoch). Per step,
+    autograd's kernels. Saves 0.17 s of 0.44 s per batch's 50 steps (10 s of a CPU epoch). Per step,
     with r = mu - y, e = exp(-logvar) and N pairs per set,
         nll = 1/N sum (r^2 e + logvar) / 2,  dnll/dmu = r e / N,  dnll/dlogvar = (1 - r^2 e) / (2N),
     then back through tanh, Linear, ReLU, Linear. Another estimator architecture runs fit_club."""
@@ -555,8 +556,8 @@ class FastSAND(SAND):
     the same results up to float rounding. Besides lightgcn_fast and solo_sim_loss_fast, it rewrites
     SAND.modality: every consumer of X_m = f_m W^T + c is linear, so X_m [I, d] is never formed. Stacked
     into one weight V [k, d] (k = 256 + 64 + 32 + 32), the consumers read X_m V^T + e = f_m (V W)^T + (V c + e),
-    which costs k d^2 + I d k multiply-adds instead of I d^2 + I d k: for Baby's 4096-d images, 7x fewer,
-    forward and backward, and most of a plain CPU epoch."""
+    which costs k d^2 + I d k multiply-adds instead of I d^2 + I d k: for Baby's 4096-d images, 7x fewer.
+    Saves 3.4 s of 4.0 s per batch, both modalities forward and backward (200 s of a CPU epoch)."""
     lightgcn = staticmethod(lightgcn_fast)
     solo_sim_loss = staticmethod(solo_sim_loss_fast)
 

@@ -837,7 +837,7 @@ def readme_example():
 
 
 @pytest.mark.parametrize("dist", ["mi", "l2"])
-def test_the_readme_example_runs_and_each_optimizer_moves_only_its_own_parameters(dist, monkeypatch, capsys):
+def test_the_readme_example_runs_and_each_optimizer_moves_only_its_own_parameters(dist, monkeypatch):
     code = readme_example()
     assert code.count('32, "mi"') == 1
     code = code.replace('32, "mi"', f'32, "{dist}"')
@@ -849,6 +849,8 @@ def test_the_readme_example_runs_and_each_optimizer_moves_only_its_own_parameter
     def step(self, *args, **kw):  # every optimizer step: the other part stays where it was
         held = {id(p) for group in self.param_groups for p in group["params"]}
         who = "club" if held == {id(p) for p in ns["club"].parameters()} else "model"
+        if who == "model":  # this step's losses
+            assert all(math.isfinite(float(ns[k].detach())) for k in ("loss", "align", "dist")), "a loss is not finite"
         other = ns["club"] if who == "model" else ns["model"]
         before = snap(other)
         out = real_step(self, *args, **kw)
@@ -866,9 +868,6 @@ def test_the_readme_example_runs_and_each_optimizer_moves_only_its_own_parameter
     torch.manual_seed(0)
     exec(compile(code, "README.md", "exec"), ns)
     assert steps == {"model": 5, "club": 250 if dist == "mi" else 0}
-    lines = capsys.readouterr().out.splitlines()
-    values = [float(v) for line in lines for v in re.findall(r"-?\d+\.\d+", line)]
-    assert len(lines) == 5 and len(values) == 15 and all(math.isfinite(v) for v in values)
 
 
 # ---------------------------------------------------------------------------------------------

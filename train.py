@@ -380,7 +380,7 @@ class TrainStep:
     tensors into the graph's input buffers and replays it: the same kernels on the same memory, so the
     same numbers, without launching them one by one from Python. The first batch of each size runs
     directly, which also makes the optimizers' state that the graph updates. With `graphs` off (--profile,
-    which times each phase) every step runs directly."""
+    which times each phase, and --plain) every step runs directly. `plain`: fit_club, else fit_club_fast."""
 
     def __init__(self, model, club, opt, club_opt, device, graphs=True, plain=False):
         self.model, self.club, self.opt, self.club_opt = model, club, opt, club_opt
@@ -493,7 +493,7 @@ def fit(cfg, ds, device, out, resume=None, log=print):
         opt.load_state_dict(resume["opt"])
         club_opt.load_state_dict(resume["club_opt"])
         gen.set_state(resume["generator"])
-        state = resume["state"]
+        state = {"diverged": None, **resume["state"]}  # a checkpoint from before "diverged" was kept
         state["stopped"] = state["diverged"] is not None or state["bad_epochs"] > cfg.train.patience  # --patience may have changed
         log(f"resuming after epoch {state['epoch']} (--epochs {cfg.train.epochs}, --patience {cfg.train.patience})"
             + (": it has already stopped early" if state["stopped"] else ""))
@@ -939,7 +939,7 @@ def main(argv=None):
         sys.exit(2)
     except KeyboardInterrupt:
         print("train.py: interrupted; every file written so far is complete (a run continues with --resume "
-              "RUN/last.pt, an --ablation grid by running it again)", file=sys.stderr)
+              "RUN/last.pt, a --grid or --ablation by running it again)", file=sys.stderr)
         sys.exit(130)
 
 
