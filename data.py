@@ -11,7 +11,11 @@ whole file. The built-in datasets (`synthetic`, `synthetic-baby`, `synthetic-clo
 memory from a seed; `python data.py --write DIR` writes one in MMRec's format.
 """
 import argparse
+import functools
+import hashlib
 import os
+import re
+import tempfile
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -37,10 +41,22 @@ class Dataset:
     factors: dict | None = None  # built-in only: planted item factors {"generic", "image", "text"}
     notes: list = field(default_factory=list)  # one line each on what loading left out or found odd
 
-    def summary(self):
-        return {"name": self.name, "n_users": self.n_users, "n_items": self.n_items,
-                "n_train": len(self.train), "n_valid": len(self.valid), "n_test": len(self.test),
-                "d_image": self.image.shape[1], "d_text": self.text.shape[1]}
+    def summary(self, short=False):
+        """Sizes, and (unless short) the fingerprint that tells this data from any other of the same sizes."""
+        sizes = {"name": self.name, "n_users": self.n_users, "n_items": self.n_items,
+                 "n_train": len(self.train), "n_valid": len(self.valid), "n_test": len(self.test),
+                 "d_image": self.image.shape[1], "d_text": self.text.shape[1]}
+        return sizes if short else {**sizes, "fingerprint": self.fingerprint}
+
+    @functools.cached_property
+    def fingerprint(self):
+        """A hash of everything a run reads: the three splits and both feature matrices (BLAKE2b, 128 bits)."""
+        h = hashlib.blake2b(digest_size=16)
+        for a in (self.train, self.valid, self.test, self.image, self.text):
+            h.update(f"{a.dtype}{a.shape}".encode())
+            h.update(np.ascontiguousarray(a).data)
+        h.update(f"{self.n_users} {self.n_items}".encode())
+        return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,12 +95,15 @@ def read_inter(path):
         raise DataError(f"{path}: no interactions below the header")
     table = np.array(rows)
     out = []
+    integer = re.compile(r"-?[0-9]+")  # ASCII digits only: str.isdigit also takes '²' and other digits
     for j, c in enumerate(need):
         column = np.char.strip(table[:, j])
-        ok = np.char.isdigit(np.char.lstrip(column, "-"))
-        if not ok.all():
-            bad = int(np.flatnonzero(~ok)[0])
+        bad = next((k for k, v in enumerate(column.tolist()) if not integer.fullmatch(v)), None)
+        if bad is not None:
             raise DataError(f"{path}:{bad + 2}: {c} '{column[bad]}' is not an integer")
+        big = next((k for k, v in enumerate(column.tolist()) if len(v.lstrip("-")) > 18), None)
+        if big is not None:  # 19 digits and more may not fit in int64; no real id is that large
+            raise DataError(f"{path}:{big + 2}: {c} {column[big]} is too large for an id")
         values = column.astype(np.int64)
         if (values < 0).any():
             bad = int(np.flatnonzero(values < 0)[0])
@@ -98,18 +117,32 @@ def read_inter(path):
 
 
 def read_features(path, n_items):
+    """Read a feature matrix [n_items, d] from a .npy file -> float32, validated. The header is read and
+    checked first (shape, dtype, the file's size), so that a bad file never gets as far as an allocation."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read_header(f)
+            offset = f.tell()
+    except (ValueError, OSError, EOFError, SyntaxError) as e:
+        raise DataError(f"{path}: not a readable .npy array ({type(e).__name__}: {e or 'empty file'})") from None
+    if len(shape) != 2 or shape[0] != n_items:
+        raise DataError(f"{path}: shape {shape}, expected [{n_items}, d]: one row per item "
+                        f"(n_items = max itemID + 1 in the .inter file)")
+    if not (np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer) or dtype == np.bool_):
+        raise DataError(f"{path}: dtype {dtype} is not a real number type (features must be float or int)")
+    if shape[1] < 2:
+        raise DataError(f"{path}: {shape[1]} feature column(s); SAND splits each modality's features into a "
+                        f"generic and a unique half, so it needs at least 2")
+    size, want = os.path.getsize(path), offset + shape[0] * shape[1] * dtype.itemsize
+    if size != want:
+        raise DataError(f"{path}: its header promises {shape} {dtype} ({want} bytes), but the file has {size} "
+                        f"bytes: it is truncated or not what it says")
     try:
         feat = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, EOFError) as e:
         raise DataError(f"{path}: not a readable .npy array ({e})") from None
-    if feat.ndim != 2 or feat.shape[0] != n_items:
-        raise DataError(f"{path}: shape {feat.shape}, expected [{n_items}, d]: one row per item "
-                        f"(n_items = max itemID + 1 in the .inter file)")
-    if not np.issubdtype(feat.dtype, np.number):
-        raise DataError(f"{path}: dtype {feat.dtype} is not numeric")
-    if feat.shape[1] < 2:
-        raise DataError(f"{path}: {feat.shape[1]} feature column(s); SAND splits each modality's features into a "
-                        f"generic and a unique half, so it needs at least 2")
     feat = np.ascontiguousarray(feat, dtype=np.float32)
     bad = ~np.isfinite(feat).all(axis=1)
     if bad.any():
@@ -176,14 +209,26 @@ def write_mmrec(ds, data_dir):
     return folder
 
 
+UMASK = os.umask(0o022)
+os.umask(UMASK)
+
+
 def atomic_write(path, content, mode="w"):
-    """Write to path.tmp, then rename: an interrupted write never leaves a half-written file. The
-    folder is made if it does not exist."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, mode) as f:
-        content(f) if callable(content) else f.write(content)
-    os.replace(tmp, path)
+    """Write to a temporary file of a name of its own beside `path`, then rename: an interrupted write
+    never leaves a half-written file, and two writers never share a temporary file. The folder is made if
+    it does not exist."""
+    folder, name = os.path.split(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
+    try:
+        os.chmod(tmp, 0o666 & ~UMASK)  # as open() would make it (mkstemp makes it private)
+        with os.fdopen(fd, mode) as f:
+            content(f) if callable(content) else f.write(content)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 # ---------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ MODALITIES = ("image", "text")  # fusion order, as released: [image | text]
 
 def option(default, help, **kw):
     """A dataclass field with its command-line help (train.py makes a flag of every field) and, for
-    numbers, its range: min / max (inclusive) or above (exclusive), which train.py checks."""
+    numbers, its range: min / max (inclusive) or above / below (exclusive), which train.py checks."""
     return field(default=default, metadata={"help": help, **kw})
 
 
@@ -43,33 +43,68 @@ class SANDConfig:
                            "graph, the released SAND) or vbpr (the authors' VBPR+SAND; VBPR itself with "
                            "--dist none --align none)", choices=("dragon", "vbpr"))
     dist: str = option("mi", "distancing: mi (CLUB bound), l2 (negative L2) or none", choices=("mi", "l2", "none"))
-    align: str = option("solo", "alignment of the generic parts: solo (SoloSimLoss) or none", choices=("solo", "none"))
+    align: str = option("solo", "alignment: solo (SoloSimLoss on the generic halves), complete (SoloSimLoss on the whole "
+                        "of X_m, no split: the complete alignment the paper argues against) or none",
+                        choices=("solo", "complete", "none"))
     club_fit: str = option("cross", "pairs the CLUB estimator is fitted on: cross = (a_text->a_image, "
                            "b_text->b_image) as released; intra = (a_m->b_m) as the paper describes",
                            choices=("cross", "intra"))
     alpha: float = option(0.012, "weight of SoloSimLoss", min=0)
     ureg: float = option(0.006, "weight of the CLUB distancing term (--dist mi)", min=0)
-    w_l2: float = option(0.01, "weight of the negative-L2 distancing term (--dist l2)", min=0)
+    w_l2: float = option(0.01, "weight of the negative-L2 distancing term (--dist l2); the released SAND has these lines "
+                         "commented out and unweighted, 0.01 is the authors' VBPR+SAND's explore_loss_coeff", min=0)
     tau: float = option(0.2, "SoloSimLoss temperature", above=0)
-    club_steps: int = option(50, "estimator steps per training batch (--dist mi)", min=0)
-    embed_dim: int = option(64, "per-modality graph embedding size", min=1)
-    mlp_dim: int = option(256, "hidden size of the item feature MLP", min=1)
-    head_dim: int = option(64, "hidden size of the alignment projection head", min=1)
-    align_dim: int = option(32, "output size of the alignment projection head", min=1)
-    dist_dim: int = option(32, "size of the projected generic/unique parts used for distancing", min=1)
-    club_hidden: int = option(8, "hidden size of the CLUB estimator's mu and logvar networks", min=1)
-    n_layers: int = option(2, "LightGCN hops on the user-item graph", min=0)
-    knn_k: int = option(10, "neighbours per item in the item-item graph", min=1)
+    club_steps: int = option(50, "estimator steps per training batch (--dist mi)", min=0, max=10 ** 6)
+    embed_dim: int = option(64, "per-modality graph embedding size", min=1, max=2 ** 31 - 1)
+    mlp_dim: int = option(256, "hidden size of the item feature MLP", min=1, max=2 ** 31 - 1)
+    head_dim: int = option(64, "hidden size of the alignment projection head", min=1, max=2 ** 31 - 1)
+    align_dim: int = option(32, "output size of the alignment projection head", min=1, max=2 ** 31 - 1)
+    dist_dim: int = option(32, "size of the projected generic/unique parts used for distancing", min=1, max=2 ** 31 - 1)
+    club_hidden: int = option(8, "hidden size of the CLUB estimator's mu and logvar networks", min=1, max=2 ** 31 - 1)
+    n_layers: int = option(2, "LightGCN hops on the user-item graph", min=0, max=100)
+    knn_k: int = option(10, "neighbours per item in the item-item graph", min=1, max=2 ** 31 - 1)
     image_weight: float = option(0.1, "image share of the item-item graph (text gets the rest)", min=0, max=1)
     reg_weight: float = option(0.0, "weight of the embedding regulariser emb_loss (--backbone vbpr)", min=0)
     dropout: float = option(0.0, "dropout on the user and item embeddings in training (--backbone vbpr; the "
-                            "authors' VBPR+SAND uses 0.01, MMRec's plain VBPR none)", min=0, max=1)
+                            "authors' VBPR+SAND uses 0.01, MMRec's plain VBPR none)", min=0, below=1)
+    eval_dropout: bool = option(False, "apply --dropout at evaluation too, a new mask at every evaluation, as the authors' "
+                                "VBPR+SAND does (a noisy valid score, which prolongs early stopping); drawn from the "
+                                "run's seeded generator")
 
 
 # Where the authors' VBPR+SAND (bruno686/MM_OOD: XVBPR.yaml and the configuration its log prints) differs
 # from the defaults above; train.py applies these unless a flag sets them (lr is train.py's).
 BACKBONE_DEFAULTS = {"dragon": {}, "vbpr": {"dist": "l2", "alpha": 0.1, "tau": 0.1, "w_l2": 0.01,
                                             "reg_weight": 2.0, "dropout": 0.01, "lr": 1e-3}}
+# and plain VBPR (--backbone vbpr --dist none --align none) is MMRec's VBPR, which has no dropout
+PLAIN_VBPR_DEFAULTS = {"dropout": 0.0}
+
+
+def unread(cfg):
+    """{setting: why} for each setting that this configuration's variant does not read, so that giving it
+    would change nothing (train.py refuses such a flag, and runs a grid point that differs from another
+    only in them once)."""
+    out = {}
+    if cfg.backbone == "vbpr":
+        out |= dict.fromkeys(("knn_k", "image_weight", "mlp_dim", "n_layers", "dist_dim"),
+                             "not read by --backbone vbpr (no graphs, no item MLP; it distances the halves themselves)")
+        if cfg.dist == cfg.align == "none":
+            out |= dict.fromkeys(("head_dim", "align_dim"), "not read by plain VBPR (--dist none --align none)")
+    else:
+        out |= dict.fromkeys(("reg_weight", "dropout", "eval_dropout"), "read only with --backbone vbpr")
+        if cfg.align == "none":
+            out |= dict.fromkeys(("head_dim", "align_dim"), "read only with --align solo or complete")
+        if cfg.dist == "none":
+            out["dist_dim"] = "read only with --dist mi or l2"
+    if cfg.backbone == "vbpr" and cfg.dropout == 0:
+        out["eval_dropout"] = "read only with --dropout above 0"
+    if cfg.align == "none":
+        out |= dict.fromkeys(("alpha", "tau"), "read only with --align solo or complete")
+    if cfg.dist != "mi":
+        out |= dict.fromkeys(("ureg", "club_fit", "club_steps", "club_hidden"), "read only with --dist mi")
+    if cfg.dist != "l2":
+        out["w_l2"] = "read only with --dist l2"
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,15 +180,34 @@ def solo_sim_loss(anchor, other, tau):
     """SoloSimLoss (Eq. 10): InfoNCE in one direction over all N items, on L2-normalised projections
     of the generic parts; the text view anchors, as released:
         L = -1/N sum_i log( exp(t_i . v_i / tau) / sum_j exp(t_i . v_j / tau) )
-    anchor, other: [N, D], rows L2-normalised; tau: a number, or a tensor (a learnable temperature)."""
+    anchor, other: [N, D], row i of both the same item, rows L2-normalised; tau: a number, or a one-element
+    tensor (a learnable temperature)."""
+    check_views("solo_sim_loss", anchor, other, tau)
     logits = anchor @ other.T / tau  # [N, N]
     return (logits.logsumexp(1) - logits.diagonal()).mean()
+
+
+def check_views(who, anchor, other, tau):
+    """SoloSimLoss scores anchor i against other i: both must hold the same N items, in the same order."""
+    if anchor.ndim != 2 or anchor.shape != other.shape:
+        raise ValueError(f"{who}: anchor and other must both be [N, D], row i of each the same item (got "
+                         f"{list(anchor.shape)} and {list(other.shape)}); for a batch of B items, index both views "
+                         f"with the batch's item ids")
+    if torch.is_tensor(tau) and tau.numel() != 1:
+        raise ValueError(f"{who}: tau must be one number (got a tensor of shape {list(tau.shape)})")
 
 
 def neg_l2(a, b):
     """Negative-L2 distancing (Eq. 14): -mean (a - b)^2. Minimising it pushes a and b apart; it is
     unbounded below, so keep its weight small (w_l2)."""
     return -F.mse_loss(a, b)
+
+
+def check_pairs(who, x, y):
+    """The CLUB's pairs: x and y of one shape [..., N, D], row k of each the same item."""
+    if x.ndim < 2 or x.shape != y.shape:
+        raise ValueError(f"{who}: x and y must both be [..., N, D], row k of each the same item (got "
+                         f"{list(x.shape)} and {list(y.shape)})")
 
 
 class CLUB(nn.Module):
@@ -175,7 +229,16 @@ class CLUB(nn.Module):
 
     def forward(self, x, y, perm):
         """x, y [..., N, D], perm [..., N] -> the bound of each set of N pairs [...]. A leading dimension
-        holds independent sets (SAND: one per modality)."""
+        holds independent sets (SAND: one per modality). perm holds positions 0..N-1 within each set (a
+        random permutation: torch.randperm(N)), not item ids."""
+        check_pairs("CLUB", x, y)
+        if perm.shape != x.shape[:-1] or perm.dtype != torch.long:
+            raise ValueError(f"CLUB: perm must be int64 of shape {list(x.shape[:-1])}, one position per pair "
+                             f"(got {perm.dtype} {list(perm.shape)})")
+        if not (perm.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):  # a check would sync
+            if len(perm) and not 0 <= int(perm.min()) <= int(perm.max()) < x.shape[-2]:
+                raise ValueError(f"CLUB: perm holds {int(perm.min())}..{int(perm.max())}, but it must hold positions "
+                                 f"0..{x.shape[-2] - 1} within the {x.shape[-2]} pairs (not item ids)")
         frozen = lambda net: torch.func.functional_call(net, {k: p.detach() for k, p in net.named_parameters()}, (x,))
         mu, logvar = frozen(self.mu), frozen(self.logvar)  # [..., N, D] each; q's parameters as constants
         y_perm = y.gather(-2, perm[..., None].expand(y.shape))  # [..., N, D]: row k holds y_pi(k)
@@ -201,20 +264,21 @@ def fit_club(club, optimizer, x, y, steps):
     """Fit the estimator q by maximum likelihood: `steps` steps of `optimizer` on club.nll(x, y), the
     pairs detached (nothing reaches the model). SAND, as released, runs 50 steps per batch, after the
     model's backward and before the model's optimizer step. Returns the last step's nll (taken before
-    its update; with no steps, the nll as it stands). The estimator's gradients are None afterwards,
-    so that no other optimizer holding them (a model's, with the CLUB as its submodule) moves it."""
+    its update; with no steps, the nll as it stands). Every estimator gradient is None afterwards, so that
+    no other optimizer holding them (a model's, with the CLUB as its submodule) moves it."""
     check_estimator_optimizer(club, optimizer)
-    x, y = x.detach(), y.detach()
-    with torch.enable_grad():
+    check_pairs("fit_club", x, y)
+    x, y = (t.detach().clone() if t.is_inference() else t.detach() for t in (x, y))  # from inference_mode: usable
+    with torch.inference_mode(False), torch.enable_grad():
         for _ in range(steps):
-            optimizer.zero_grad()
+            club.zero_grad(set_to_none=True)
             loss = club.nll(x, y)
             loss.backward()
             optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    if steps == 0:
-        with torch.no_grad():
-            loss = club.nll(x, y)
+        club.zero_grad(set_to_none=True)
+        if steps == 0:
+            with torch.no_grad():
+                loss = club.nll(x, y)
     return loss.detach()
 
 
@@ -225,9 +289,12 @@ def sand_loss(cfg, terms, aux, club, perms=None, solo=solo_sim_loss):
     L2-normalised), "a", "b": [I, K] distancing pairs}; perms [2, I]: the CLUB bound's permutations of
     the items, text's then image's (--dist mi; drawn from torch's global generator if not given).
     Returns (loss, {term: value}, the (x, y) pairs [2, I, K] the CLUB estimator is fitted on, or None)."""
+    if (cfg.align != "none" or cfg.dist != "none") and set(aux) != {"text", "image"}:
+        raise ValueError(f"sand_loss: aux must hold the modalities 'text' and 'image' (got {sorted(aux)}): SoloSimLoss "
+                         f"anchors the text view on the image view; name your two modalities so")
     t, v = aux.get("text"), aux.get("image")
     terms, pairs = dict(terms), None
-    if cfg.align == "solo":
+    if cfg.align != "none":  # solo: z_m from the generic half; complete: from the whole of X_m
         terms["solo"] = solo(t["z"], v["z"], cfg.tau)
     if cfg.dist == "mi":  # text first, then image, as released
         if perms is None:
@@ -284,7 +351,7 @@ class SAND(nn.Module):
             self.mlp_in[m] = nn.Linear(d, cfg.mlp_dim)
             self.mlp_out[m] = nn.Linear(cfg.mlp_dim, cfg.embed_dim)
             self.pref[m] = nn.Parameter(nn.init.xavier_normal_(torch.empty(n_users, cfg.embed_dim)))
-            self.head[m] = projection_head(d // 2, cfg.head_dim, cfg.align_dim)
+            self.head[m] = projection_head(d if cfg.align == "complete" else d // 2, cfg.head_dim, cfg.align_dim)
             self.to_a[m] = nn.Linear(d // 2, cfg.dist_dim)
             self.to_b[m] = nn.Linear(d - d // 2, cfg.dist_dim)
         w = nn.init.xavier_normal_(torch.empty(n_users, len(MODALITIES), 1))  # as released
@@ -298,12 +365,13 @@ class SAND(nn.Module):
 
     def modality(self, m, parts):
         """One modality's item side: the graph input item_m [I, 64] and, if `parts`, what the auxiliary
-        losses read: {"z": head_m(g_m) [I, 32] L2-normalised (alignment), "a": a_m, "b": b_m [I, 32] (distancing)}."""
+        losses read: {"z": head_m(g_m) [I, 32] L2-normalised (alignment; --align complete: head_m(X_m)),
+        "a": a_m, "b": b_m [I, 32] (distancing)}."""
         x, g, u = self.split(m)
         item = self.mlp_out[m](F.leaky_relu(self.mlp_in[m](x)))  # [I, 64]
         out = {}
         if parts and self.cfg.align != "none":
-            out["z"] = F.normalize(self.head[m](g), dim=1)  # [I, 32]
+            out["z"] = F.normalize(self.head[m](x if self.cfg.align == "complete" else g), dim=1)  # [I, 32]
         if parts and self.cfg.dist != "none":
             out["a"], out["b"] = self.to_a[m](g), self.to_b[m](u)  # [I, 32] each
         return item, out
@@ -333,11 +401,14 @@ class SAND(nn.Module):
 
     @torch.no_grad()
     def parts(self):
-        """What the planted-factor diagnostic reads: per modality g_m, u_m, a_m, b_m [I, *]."""
+        """The learned parts of every item, for the planted-factor diagnostic: per modality "<m> g", "<m> u"
+        (the halves of X_m), "<m> z" (the alignment view) and "<m> a", "<m> b" (the distancing pairs),
+        those that the variant trains. In eval mode (BatchNorm on its running statistics)."""
         out = {}
         for m in MODALITIES:
+            aux = SAND.modality(self, m, parts=True)[1]  # the plain formulas, whatever the tier
             _, g, u = self.split(m)
-            out.update({f"{m} generic": g, f"{m} unique": u, f"{m} a": self.to_a[m](g), f"{m} b": self.to_b[m](u)})
+            out.update({f"{m} g": g, f"{m} u": u, **{f"{m} {k}": v for k, v in aux.items()}})
         return out
 
     def loss(self, user, pos, neg, club, perms=None):
@@ -375,32 +446,39 @@ class VBPRSAND(nn.Module):
             self.features = nn.Linear(sum(f.shape[1] for f in features.values()), d)
         else:
             self.transform = nn.ModuleDict({m: nn.Linear(features[m].shape[1], d) for m in MODALITIES})
-            self.head = nn.ModuleDict({m: projection_head(d // 2, cfg.head_dim, cfg.align_dim) for m in MODALITIES})
+            head_in = d if cfg.align == "complete" else d // 2
+            self.head = nn.ModuleDict({m: projection_head(head_in, cfg.head_dim, cfg.align_dim) for m in MODALITIES})
         for module in self.modules():  # MMRec's xavier_normal_initialization
             if isinstance(module, nn.Linear):
                 nn.init.xavier_normal_(module.weight)
                 nn.init.zeros_(module.bias)
 
-    def forward(self, parts=True):
-        """-> users [U, D], items [I, D], and per modality {"z", "a", "b"} (whether or not `parts`: z is scored)."""
+    def views(self):
+        """-> the items' feature part of the score [I, D - d] and, per modality, {"z", "a", "b"}."""
         aux = {}
         if self.vbpr_only:
-            feats = self.features(torch.cat([self.feat_text, self.feat_image], dim=1))  # [I, d]
-        else:
-            for m in MODALITIES:
-                _, g, u = self.split(m)
-                aux[m] = {"z": F.normalize(self.head[m](g), dim=1), "a": g, "b": u}  # [I, 32], [I, d/2] x 2
-            feats = torch.cat([aux["text"]["z"], aux["image"]["z"]], dim=1)  # [I, 64]: text first, as released
+            return self.features(torch.cat([self.feat_text, self.feat_image], dim=1)), aux  # [I, d]
+        for m in MODALITIES:
+            x, g, u = self.split(m)
+            z = F.normalize(self.head[m](x if self.cfg.align == "complete" else g), dim=1)  # [I, 32]
+            aux[m] = {"z": z, "a": g, "b": u}  # [I, 32], [I, d/2] x 2
+        return torch.cat([aux["text"]["z"], aux["image"]["z"]], dim=1), aux  # [I, 64]: text first, as released
+
+    def forward(self, parts=True):
+        """-> users [U, D], items [I, D], and per modality {"z", "a", "b"} (whether or not `parts`: z is scored)."""
+        feats, aux = self.views()
         items = torch.cat([self.item, feats], dim=1)  # [I, D]
-        drop = lambda e: F.dropout(e, self.cfg.dropout, self.training)  # released: also at evaluation (a bug)
+        drop = lambda e: F.dropout(e, self.cfg.dropout, self.training or self.cfg.eval_dropout)  # --eval-dropout: as released
         return drop(self.user), drop(items), aux
 
     @torch.no_grad()
     def parts(self):
-        """What the planted-factor diagnostic reads: per modality g_m and u_m; plain VBPR: its feature map."""
+        """The learned parts of every item, for the planted-factor diagnostic: per modality "<m> g", "<m> u" (the
+        halves, which are also the distancing pairs) and "<m> z" (the alignment view); plain VBPR: its feature map."""
+        feats, aux = self.views()
         if self.vbpr_only:
-            return {"features": self.features(torch.cat([self.feat_text, self.feat_image], dim=1))}
-        return {f"{m} {name}": x for m in MODALITIES for name, x in zip(("generic", "unique"), self.split(m)[1:])}
+            return {"features": feats}
+        return {f"{m} {k}": aux[m][name] for m in MODALITIES for k, name in (("g", "a"), ("u", "b"), ("z", "z"))}
 
     def loss(self, user, pos, neg, club, perms=None):
         """Training loss for one BPR batch: BPR (natural log) + reg_weight * emb_loss, then sand_loss."""
@@ -460,8 +538,11 @@ def solo_sim_loss_fast(anchor, other, tau):
     logits: no N x N matrix is kept (at Clothing's 26,071 items, autograd holds several of 2.7 GB each).
     Saves 0.67 s of 0.78 s per batch (40 s of a CPU epoch). A learnable temperature (a tensor that needs
     a gradient) runs the plain solo_sim_loss; a second derivative (create_graph=True) is refused."""
-    if torch.is_tensor(tau) and tau.requires_grad:
-        return solo_sim_loss(anchor, other, tau)
+    check_views("solo_sim_loss_fast", anchor, other, tau)
+    if torch.is_tensor(tau):
+        if tau.requires_grad:
+            return solo_sim_loss(anchor, other, tau)
+        tau = tau.detach().to(anchor.dtype).reshape(())  # a constant in the inputs' dtype
     return _InfoNCE.apply(anchor, other, tau)
 
 
@@ -503,11 +584,23 @@ class _InfoNCE(torch.autograd.Function):
 
 
 def _is_plain_club(club):
-    """Is `club` the CLUB above, layer for layer (the networks fit_club_fast's gradient is written for)?"""
-    kinds = lambda net: [type(layer) for layer in net] if isinstance(net, nn.Sequential) else None
-    return (type(club).nll is CLUB.nll and type(club).log_q is CLUB.log_q
-            and kinds(getattr(club, "mu", None)) == [nn.Linear, nn.ReLU, nn.Linear]
-            and kinds(getattr(club, "logvar", None)) == [nn.Linear, nn.ReLU, nn.Linear, nn.Tanh]
+    """Is `club` exactly the CLUB above, the networks that fit_club_fast's gradient is written for? The
+    exact types (no subclass, no compiled wrapper), no hooks anywhere, every weight a trainable Parameter."""
+    layers = {"mu": [nn.Linear, nn.ReLU, nn.Linear], "logvar": [nn.Linear, nn.ReLU, nn.Linear, nn.Tanh]}
+    global_hooks = [getattr(torch.nn.modules.module, f"_global_{kind}_hooks", None)
+                    for kind in ("forward", "forward_pre", "backward", "backward_pre")]
+    if type(club) is not CLUB or any(global_hooks):
+        return False
+    for name, kinds in layers.items():
+        net = getattr(club, name, None)
+        if type(net) is not nn.Sequential or [type(layer) for layer in net] != kinds:
+            return False
+    hooked = lambda m: m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+    if any(hooked(m) for m in club.modules()):
+        return False
+    linears = [club.mu[0], club.mu[2], club.logvar[0], club.logvar[2]]
+    weights = [p for lin in linears for p in (lin.weight, lin.bias)]
+    return (all(isinstance(p, nn.Parameter) and p.requires_grad for p in weights)
             and len(list(club.parameters())) == 8)  # those four Linears' weights and biases, nothing else
 
 
@@ -516,10 +609,12 @@ def fit_club_fast(club, optimizer, x, y, steps):
     autograd's kernels. Saves 0.17 s of 0.44 s per batch's 50 steps (10 s of a CPU epoch). Per step,
     with r = mu - y, e = exp(-logvar) and N pairs per set,
         nll = 1/N sum (r^2 e + logvar) / 2,  dnll/dmu = r e / N,  dnll/dlogvar = (1 - r^2 e) / (2N),
-    then back through tanh, Linear, ReLU, Linear. Another estimator architecture runs fit_club."""
-    if steps == 0 or not _is_plain_club(club):
+    then back through tanh, Linear, ReLU, Linear. Anything but exactly this CLUB (another architecture, a
+    subclass, hooks, frozen weights; see _is_plain_club) runs fit_club, as does a call under inference_mode."""
+    if steps == 0 or not _is_plain_club(club) or torch.is_inference_mode_enabled():
         return fit_club(club, optimizer, x, y, steps)
     check_estimator_optimizer(club, optimizer)
+    check_pairs("fit_club_fast", x, y)
     n = x.shape[-2]  # pairs per set: the nll is a sum over the sets of their means
     x, y = x.detach().reshape(-1, x.shape[-1]), y.detach().reshape(-1, y.shape[-1])  # [S N, D]: sets stacked
     weights = [p for lin in (club.mu[0], club.mu[2], club.logvar[0], club.logvar[2]) for p in (lin.weight, lin.bias)]
@@ -543,7 +638,7 @@ def fit_club_fast(club, optimizer, x, y, steps):
         for p, g in zip(weights, grads):
             p.grad = g.contiguous()  # the parameter's layout, as autograd gives it
         optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    club.zero_grad(set_to_none=True)
     return (r * re + logvar).sum() / (2 * n)  # the last step's nll (before its update)
 
 
@@ -567,7 +662,7 @@ class FastSAND(SAND):
         d, h = W.shape[0], W.shape[0] // 2  # g_m = X_m[:, :h], u_m = X_m[:, h:]
         consumers = {"item": (self.mlp_in[m], 0, d)}  # name: (Linear, first and last column of X_m it reads)
         if parts and self.cfg.align != "none":
-            consumers["z"] = (self.head[m][0], 0, h)
+            consumers["z"] = (self.head[m][0], 0, d if self.cfg.align == "complete" else h)
         if parts and self.cfg.dist != "none":
             consumers["a"] = (self.to_a[m], 0, h)
             consumers["b"] = (self.to_b[m], h, d)

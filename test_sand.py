@@ -1,6 +1,7 @@
 """Tests: every piece against an independent computation. Run: python -m pytest -q test_sand.py"""
 import copy
 import csv
+import functools
 import json
 import math
 import os
@@ -29,6 +30,13 @@ TINY = data.SyntheticSpec(n_users=500, n_items=250, d_image=48, d_text=24, k_gen
 
 def tiny(seed=0):
     return data.make_synthetic("tiny", seed, TINY)
+
+
+def tiny_named(name="tiny"):
+    """The tiny dataset as tiny_run() writes it to disk (its name is part of its summary)."""
+    ds = tiny()
+    ds.name = name
+    return ds
 
 
 def run_cfg(**kw):
@@ -274,9 +282,9 @@ def test_sampler_draws_each_batchs_permutations_after_the_epochs_negatives():
     plain, with_perms = (train.BPRSampler(torch.from_numpy(ds.train), ds.n_items, torch.Generator().manual_seed(3))
                          for _ in range(2))
     batches, more = plain.epoch(128), with_perms.epoch(128, 2)
-    assert all(len(b) == 3 for b in batches) and all(len(b) == 4 for b in more)
+    assert all(b[3] is None for b in batches) and all(m[3] is not None for m in more)
     for b, m in zip(batches, more):
-        assert all(torch.equal(x, y) for x, y in zip(b, m[:3]))  # the same batches
+        assert all(torch.equal(x, y) for x, y in zip(b[:3], m[:3]))  # the same batches
     perms = torch.stack([m[3] for m in more])  # [n_batches, 2, I]
     assert perms.shape == (len(batches), 2, ds.n_items)
     assert torch.equal(perms.sort(-1).values, torch.arange(ds.n_items).expand_as(perms))  # permutations
@@ -723,7 +731,7 @@ def dense_loss(model, club, user, pos, neg, perms):
         g, u = x[:, :h], x[:, h:]
         item = model.mlp_out[m](F.leaky_relu(model.mlp_in[m](x)))
         h0.append(F.normalize(torch.cat([model.pref[m], item]), dim=1))
-        aux[m] = (F.normalize(model.head[m](g), dim=1) if cfg.align == "solo" else None,
+        aux[m] = (F.normalize(model.head[m](x if cfg.align == "complete" else g), dim=1) if cfg.align != "none" else None,
                   model.to_a[m](g) if cfg.dist != "none" else None,
                   model.to_b[m](u) if cfg.dist != "none" else None)
     a = model.adj.to_dense()
@@ -735,7 +743,7 @@ def dense_loss(model, club, user, pos, neg, perms):
     items = r[U:] + model.item_item.to_dense() @ r[U:]
     ps, ns = (users[user] * items[pos]).sum(1), (users[user] * items[neg]).sum(1)
     loss = -torch.log2(torch.sigmoid(ps - ns)).mean()
-    if cfg.align == "solo":
+    if cfg.align != "none":
         logits = aux["text"][0] @ aux["image"][0].T / cfg.tau
         loss = loss + cfg.alpha * -F.log_softmax(logits, 1).diagonal().mean()
     if cfg.dist == "mi":
@@ -748,7 +756,8 @@ def dense_loss(model, club, user, pos, neg, perms):
 
 @pytest.mark.parametrize("dist, align, club_fit", [("mi", "solo", "cross"), ("mi", "solo", "intra"),
                                                    ("l2", "solo", "cross"), ("none", "none", "cross"),
-                                                   ("mi", "none", "cross")])
+                                                   ("mi", "none", "cross"), ("none", "complete", "cross"),
+                                                   ("l2", "complete", "cross")])
 def test_both_tiers_equal_the_dense_formula_and_each_other(dist, align, club_fit):
     """SAND (plain) and FastSAND with the same weights: the same loss, every gradient and the same
     estimator update (fit_club against fit_club_fast), each also against the dense formula."""
@@ -778,7 +787,7 @@ def test_both_tiers_equal_the_dense_formula_and_each_other(dist, align, club_fit
             est = copy.deepcopy(club)
             fit(est, torch.optim.Adam(est.parameters(), lr=1e-3), *pairs, 5)
             updates.append([p.detach() for p in est.parameters()])
-    want_terms = {"bpr"} | ({"solo"} if align == "solo" else set()) | {"mi": {"club"}, "l2": {"neg_l2"}, "none": set()}[dist]
+    want_terms = {"bpr"} | ({"solo"} if align != "none" else set()) | {"mi": {"club"}, "l2": {"neg_l2"}, "none": set()}[dist]
     assert set(terms) == want_terms  # --dist none and --align none really remove their terms
     for a, b in zip(*updates):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
@@ -890,7 +899,7 @@ def test_vbpr_defaults_come_from_the_authors_configuration_and_flags_override_th
     assert train.default_folder(cfg) == os.path.join("runs", "synthetic-l2-seed999-backbone=vbpr-tau=0.3")
 
 
-@pytest.mark.parametrize("dist, align", [("l2", "solo"), ("mi", "solo"), ("none", "none")])
+@pytest.mark.parametrize("dist, align", [("l2", "solo"), ("mi", "solo"), ("none", "none"), ("none", "complete")])
 def test_vbpr_scores_match_the_dense_formula(dist, align):
     ds, cfg, model, club, *_ = vbpr(dist, align)
     model.eval()  # no dropout, BatchNorm on its running statistics
@@ -904,7 +913,7 @@ def test_vbpr_scores_match_the_dense_formula(dist, align):
             z = {}
             for m in MODALITIES:
                 x = f[m] @ model.transform[m].weight.T + model.transform[m].bias  # [I, 64]
-                h = x[:, :32]  # the generic half, through Linear BN ReLU Linear BN ReLU Linear
+                h = x if align == "complete" else x[:, :32]  # the generic half (or all), through Linear BN ReLU Linear BN ReLU Linear
                 for lin, bn in ((model.head[m][0], model.head[m][1]), (model.head[m][3], model.head[m][4])):
                     h = h @ lin.weight.T + lin.bias
                     h = ((h - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps) * bn.weight + bn.bias).clamp_min(0)
@@ -916,8 +925,8 @@ def test_vbpr_scores_match_the_dense_formula(dist, align):
         want = model.user @ torch.cat([model.item, feats], 1).T  # [U, I]
         user = torch.arange(ds.n_users)
         torch.testing.assert_close(model.score(users, items, user), want, rtol=1e-5, atol=1e-5)
-    model.train()  # dropout 0.01 in training only (the released code also drops at evaluation)
-    assert not torch.equal(model()[0], model.user)
+    model.train()  # VBPR+SAND: dropout 0.01 in training only (the released code also drops at evaluation)
+    assert torch.equal(model()[0], model.user) == (dist == align == "none")  # MMRec's plain VBPR: no dropout
 
 
 def test_vbpr_loss_is_bpr_plus_the_regulariser_when_both_auxiliary_terms_are_off():
@@ -944,13 +953,15 @@ def test_vbpr_learns_beats_most_popular_and_the_diagnostic_reads_its_parts(tmp_p
     with open(tmp_path / "metrics.csv") as f:
         first = float(next(csv.DictReader(f))["valid_recall@20"])
     assert results["valid"]["recall@20"] > 1.1 * first
-    parts = results["unique_info_r2"]["best"]
+    shares = results["diagnostic"]["best"]["shares"]
     if align == "none":  # plain VBPR: one feature map of both modalities. On this data it stays below popularity
-        assert set(parts) == {"features"} and parts["features"]["image"] > 0.5 and parts["features"]["text"] > 0.5
+        assert set(shares) == {"features"} and min(shares["features"].values()) > 0.02  # some of every group
     else:  # VBPR+SAND beats popularity; each half carries its own modality's factors, not the other's
         assert results["test"]["recall@20"] > 1.15 * most_popular
-        assert set(parts) == {f"{m} {h}" for m in MODALITIES for h in ("generic", "unique")}
-        assert parts["image unique"]["image"] > 0.5 and abs(parts["image unique"]["text"]) < 0.1
+        assert set(shares) == {f"{m} {p}" for m in MODALITIES for p in ("g", "u", "z")}
+        assert shares["image u"]["image"] > 0.2 and abs(shares["image u"]["text"]) < 0.05
+        assert set(results["diagnostic"]["best"]["cka"]) == {"text g ~ image g", "text z ~ image z", "text g ~ text u",
+                                                             "image g ~ image u"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1002,7 +1013,7 @@ def test_resume_continues_exactly(tmp_path):
     whole, _ = quick_fit(tmp_path / "whole", epochs=4)
     _, out = quick_fit(tmp_path / "part", epochs=2)
     ckpt = train.load_checkpoint(str(out / "last.pt"))
-    cfg = train.config_from_checkpoint(ckpt)
+    cfg = train.config_from_dict(ckpt["config"])
     cfg.train.epochs = 4
     resumed = train.fit(cfg, tiny(), torch.device("cpu"), str(out), ckpt, log=lambda *_: None)[0]
     timing = ("train_s_per_epoch", "eval_s_per_epoch", "peak_memory_gib")
@@ -1035,7 +1046,7 @@ def test_resume_with_more_epochs_or_patience_extends_a_run_exactly(tmp_path, com
     assert first["epochs_run"] == 2 and whole["epochs_run"] == 4
     lines = []
     resumed = train.run(run_cfg(resume=str(tmp_path / "part" / "last.pt"), **more), log=lines.append)
-    assert f"resuming after epoch 2 (--epochs 4, --patience {more.get('patience', 20)})" in lines
+    assert f"resuming {tmp_path / 'part'}/ after epoch 2 (--epochs 4, --patience {more.get('patience', 20)})" in lines
     assert {k: v for k, v in resumed.items() if k not in TIMING} == {k: v for k, v in whole.items() if k not in TIMING}
     saved = json.loads((tmp_path / "part" / "config.json").read_text())  # the resumed run's configuration
     assert {k: saved["train"][k] for k in more} == more and saved["train"]["batch_size"] == 512
@@ -1055,30 +1066,37 @@ def test_an_interrupted_run_keeps_its_files_and_resumes_exactly(tmp_path, monkey
     lines, out = [], tmp_path / "part"
     with pytest.raises(KeyboardInterrupt):
         train.run(run_cfg(**base, out=str(out)), log=lines.append)
-    assert lines[-1] == f"interrupted: --resume {out / 'last.pt'} continues from its epoch"
+    assert lines[-1] == f"interrupted: --resume {out / 'last.pt'} continues after epoch 2"
     assert not (out / "results.json").exists()  # only a finished run has one
-    assert torch.load(out / "last.pt", weights_only=False)["epoch"] == 1  # written after the first epoch
+    assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 2  # the last finished epoch, written on interruption
     assert len((out / "metrics.csv").read_text().splitlines()) == 3  # epochs 1 and 2, complete
     monkeypatch.setattr(train, "train_epoch", real)
     resumed = train.run(run_cfg(resume=str(out / "last.pt")), log=lambda *_: None)
     assert {k: v for k, v in resumed.items() if k not in TIMING} == {k: v for k, v in whole.items() if k not in TIMING}
 
 
-def test_a_new_run_in_a_used_folder_leaves_none_of_the_old_runs_files(tmp_path, monkeypatch):
-    # an interrupted run must not leave its config.json beside an earlier run's results.json: the
-    # ablation grid would read those results back as this configuration's
+def test_a_new_run_in_a_used_folder_replaces_only_a_run_of_its_own_settings(tmp_path, monkeypatch):
     base = tiny_run(tmp_path, epochs=1, out=str(tmp_path / "run"))
     train.run(run_cfg(**base), log=lambda *_: None)
-    assert {p.name for p in (tmp_path / "run").iterdir()} >= {"results.json", "last.pt", "best.pt", "metrics.csv"}
+    folder = tmp_path / "run"
+    files = {p.name: p.read_bytes() for p in folder.iterdir()}
+    assert set(files) >= {"results.json", "last.pt", "best.pt", "metrics.csv", "config.json"}
+    # another run's settings: refused before anything in the folder is touched
+    with pytest.raises(train.UsageError, match=re.escape(f"{folder}/ holds another run (--lr 0.0001, not 0.001)")):
+        train.run(run_cfg(**base, lr=1e-3), log=lambda *_: None)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == files
+    # the same settings again: the earlier run is replaced, and an interrupted replacement leaves none of
+    # its files beside the new config.json (the grid would read those results back as this run's)
 
     def interrupted(*args):
         raise KeyboardInterrupt
     monkeypatch.setattr(train, "train_epoch", interrupted)
-    other = run_cfg(**base, lr=1e-3)
+    lines = []
     with pytest.raises(KeyboardInterrupt):
-        train.run(other, log=lambda *_: None)
-    assert {p.name for p in (tmp_path / "run").iterdir()} == {"config.json"}
-    assert train.read_finished(str(tmp_path / "run"), other) is None
+        train.run(run_cfg(**base), log=lines.append)
+    assert f"replacing the earlier run of these settings and data in {folder}/" in lines
+    assert {p.name for p in folder.iterdir()} == {"config.json", ".lock"}
+    assert train.finished_results(str(folder), run_cfg(**base), tiny_named()) is None
 
 
 def test_a_file_that_is_not_a_checkpoint_is_refused(tmp_path):
@@ -1086,7 +1104,7 @@ def test_a_file_that_is_not_a_checkpoint_is_refused(tmp_path):
     text.write_text("epoch,bpr\n1,0.7\n")
     torch.save({"weights": torch.zeros(2)}, other)
     for path in (text, other):
-        with pytest.raises(train.UsageError, match=re.escape(f"{path} is not a checkpoint written by train.py")) as e:
+        with pytest.raises(train.UsageError, match=re.escape(f"{path} is not a checkpoint written by this train.py")) as e:
             train.load_checkpoint(str(path))
         assert "\n" not in str(e.value)
 
@@ -1127,23 +1145,24 @@ def test_a_diverging_run_stops_cleanly(tmp_path):
     cfg = run_cfg(**tiny_run(tmp_path, epochs=3, lr=1e30, out=str(tmp_path / "run"), topk_out=str(tmp_path / "top.tsv")))
     results = train.run(cfg, log=lines.append)
     assert results["best_epoch"] is None and results["test"] is None and results["epochs_run"] == 0
-    assert any(line.startswith("epoch 1: a loss is not finite") and line.endswith("no epoch finished") for line in lines)
+    assert any(line.startswith("epoch 1: a loss or a weight is not finite") and line.endswith("no epoch finished")
+               for line in lines)
     assert lines[-1] == f"no epoch finished: {tmp_path / 'run'}/results.json holds no metrics, {tmp_path / 'top.tsv'} was not written"
     assert not (tmp_path / "top.tsv").exists() and (tmp_path / "run" / "results.json").is_file()
     ds = tiny()  # a built-in dataset, with the diagnostic
     results = train.fit(run_cfg(epochs=2, batch_size=512, club_steps=2, lr=1e30), ds, torch.device("cpu"),
                         str(tmp_path), log=lambda *_: None)[0]
-    assert results["best_epoch"] is None and "unique_info_r2" not in results
+    assert results["best_epoch"] is None and "diagnostic" not in results
 
 
 def test_early_stopping_follows_mmrec():
     # valid R@20 is rounded to 4 decimals and must strictly beat the best; the run stops once more
-    # than `patience` epochs in a row have not (MMRec's utils.early_stopping)
+    # than `patience` epochs in a row have not (MMRec's utils.early_stopping): patience 2 stops at the 3rd
     best, bad, seen = -1.0, 0, []
     for epoch, score in enumerate([0.1, 0.12, 0.12, 0.11, 0.12004, 0.1204, 0.1, 0.3], 1):
-        best, bad, improved, stop = train.early_stopping(score, best, bad, patience=2)
+        best, bad, improved = train.early_stopping(score, best, bad)
         seen.append(improved)
-        if stop:
+        if bad > 2:
             break
     assert epoch == 5 and best == 0.12 and seen == [True, True, False, False, False]
 
@@ -1157,7 +1176,7 @@ def test_cli_runs_an_mmrec_folder_as_users_write_it(tmp_path):
     assert r.returncode == 0, r.stderr
     results = json.loads((tmp_path / "runs" / "baby-l2-seed999-epochs=1" / "results.json").read_text())
     assert results["dataset"]["n_items"] == ds.n_items and results["best_epoch"] == 1
-    assert "unique_info_r2" not in results  # no planted factors in a folder dataset
+    assert "diagnostic" not in results  # no planted factors in a folder dataset
 
 
 def test_progress_shows_on_a_terminal_and_piped_output_is_one_line_per_epoch(tmp_path):
@@ -1217,8 +1236,9 @@ def test_cli_end_to_end_writes_all_files(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert set(results["test"]) == {"recall@10", "recall@20", "ndcg@10", "ndcg@20"}
     assert len((out / "metrics.csv").read_text().splitlines()) == 3
-    rows = [line.split("\t") for line in topk.read_text().splitlines()]
+    header, *rows = [line.split("\t") for line in topk.read_text().splitlines()]
     ds = data.load_dataset("synthetic")
+    assert header == ["userID"] + [f"item{r}" for r in range(1, 21)]
     assert len(rows) == len(np.unique(ds.test[:, 0])) and all(len(row) == 21 for row in rows)
     r = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--eval-only", "--ckpt", str(out / "best.pt")],
                        capture_output=True, text=True, timeout=300, cwd=tmp_path)
@@ -1248,71 +1268,103 @@ def test_training_learns_and_beats_most_popular(tmp_path, dist):
 # ---------------------------------------------------------------------------------------------
 # Ablation grid and the unique-information diagnostic
 
-def test_ridge_r2_on_hand_made_parts():
-    gen = torch.Generator().manual_seed(0)
-    factor = torch.randn(600, 3, generator=gen, dtype=torch.float64)
-    noise = torch.randn(600, 40, generator=gen, dtype=torch.float64)
-    mixed = torch.cat([factor @ torch.randn(3, 3, generator=gen, dtype=torch.float64), noise], 1)
-    fit, new = slice(0, 300), slice(300, 600)
-    targets = {"factor": (factor[fit], factor[new]), "noise": (noise[fit, :3], noise[new, :3])}
-    assert train.ridge_r2(factor[fit], factor[new], targets)["factor"] > 0.999
-    r2 = train.ridge_r2(mixed[fit], mixed[new], targets)
-    assert r2["factor"] > 0.95 and r2["noise"] > 0.95  # recovers a linear mix, and the noise columns themselves
-    assert abs(train.ridge_r2(noise[fit, 3:], noise[new, 3:], targets)["factor"]) < 0.05
-
-
-def test_ridge_r2_matches_refitting_without_each_row():
-    # the penalty picked by refitting n times, each time without one row (columns standardised and
-    # y centred on all fitting rows, as ridge_r2 does), then R^2 on the new rows
-    gen = torch.Generator().manual_seed(4)
-    x_fit, x_new = torch.randn(25, 6, generator=gen, dtype=torch.float64), torch.randn(20, 6, generator=gen, dtype=torch.float64)
-    w = torch.randn(6, 2, generator=gen, dtype=torch.float64)
-    for noise in (0.1, 3.0):  # little noise favours a small penalty, much noise a large one
-        y_fit = x_fit @ w + noise * torch.randn(25, 2, generator=gen, dtype=torch.float64)
-        y_new = x_new @ w + noise * torch.randn(20, 2, generator=gen, dtype=torch.float64)
-        mean, std = x_fit.mean(0), x_fit.std(0)
-        xs, xn, ym = (x_fit - mean) / std, (x_new - mean) / std, y_fit.mean(0)
-        penalties = 10.0 ** np.arange(-3, 5)
-        loo = []
-        for lam in penalties:
-            err = 0.0
-            for i in range(25):
-                keep = torch.arange(25) != i
-                a = xs[keep]
-                coef = torch.linalg.solve(a.T @ a + lam * torch.eye(6, dtype=torch.float64), a.T @ (y_fit[keep] - ym))
-                err += float(((y_fit[i] - ym - xs[i] @ coef) ** 2).sum())
-            loo.append(err)
-        lam = penalties[int(np.argmin(loo))]
-        coef = torch.linalg.solve(xs.T @ xs + lam * torch.eye(6, dtype=torch.float64), xs.T @ (y_fit - ym))
-        want = 1 - float(((y_new - xn @ coef - ym) ** 2).sum() / ((y_new - y_new.mean(0)) ** 2).sum())
-        assert train.ridge_r2(x_fit, x_new, {"y": (y_fit, y_new)})["y"] == pytest.approx(want, abs=1e-10)
-
-
-def test_unique_info_reads_each_part_against_each_factor():
+def test_explained_share_is_least_squares_written_out_and_the_shares_add_up():
     rng = np.random.default_rng(0)
-    factors = {name: rng.standard_normal((400, 4)) for name in ("generic", "image", "text")}
-    as_t = lambda a: torch.from_numpy(a).float()
+    n = 4000
+    groups = {g: rng.standard_normal((n, 4)) for g in ("generic", "image", "text")}
+    # a part made of the generic factors (weight 2) and the image ones (weight 1) and noise (weight 1)
+    part = 2 * groups["generic"] @ rng.standard_normal((4, 6)) + groups["image"] @ rng.standard_normal((4, 6)) \
+        + rng.standard_normal((n, 6)) + 3.0
+    perm = rng.permutation(n)
+    fit_rows, new_rows = perm[:n // 2], perm[n // 2:]
+    got = train.explained_share(torch.from_numpy(part).float(), groups, torch.from_numpy(fit_rows), torch.from_numpy(new_rows))
+    for g, f in groups.items():  # the formula, by numpy: affine least squares on the fitting rows, R^2 on the others
+        design = np.hstack([f, np.ones((n, 1))])
+        coef = np.linalg.lstsq(design[fit_rows], part[fit_rows].astype(np.float32).astype(np.float64), rcond=None)[0]
+        p_new = part[new_rows].astype(np.float32).astype(np.float64)
+        want = 1 - ((p_new - design[new_rows] @ coef) ** 2).sum() / ((p_new - p_new.mean(0)) ** 2).sum()
+        assert got[g] == pytest.approx(want, abs=1e-9), g
+    assert 0.55 < got["generic"] < 0.85 and 0.1 < got["image"] < 0.35 and abs(got["text"]) < 0.01
+    together = train.explained_share(torch.from_numpy(part), {"all": np.hstack(list(groups.values()))},
+                                     torch.from_numpy(fit_rows), torch.from_numpy(new_rows))["all"]
+    # independent groups: the shares add up (held out, each falls short by about its fit's estimation error)
+    assert sum(got.values()) == pytest.approx(together, abs=0.02)
 
-    noise = as_t(rng.standard_normal((400, 4)))
 
-    class Parts:  # stands in for a trained SAND: parts that carry exactly one factor group each
-        def parts(self):
-            return {f"{m} {name}": x for m in MODALITIES for name, x in (
-                ("generic", as_t(factors["generic"])), ("unique", as_t(factors[m])), ("a", noise),
-                ("b", as_t(factors[m] + factors["generic"])))}
-    r2 = train.unique_info(Parts(), factors)
-    assert r2["image unique"]["image"] > 0.99 and abs(r2["image unique"]["text"]) < 0.05
-    assert r2["text generic"]["generic"] > 0.99 and abs(r2["text generic"]["image"]) < 0.05
-    assert abs(r2["image a"]["generic"]) < 0.05
-    assert 0.3 < r2["text b"]["text"] < 0.7 and 0.3 < r2["text b"]["generic"] < 0.7
+def test_linear_cka_is_the_hsic_formula_and_sees_rotations_not_unrelated_parts():
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(300, 5, generator=gen, dtype=torch.float64), torch.randn(300, 7, generator=gen, dtype=torch.float64)
+    h = torch.eye(300, dtype=torch.float64) - 1 / 300  # centring
+    k, l = h @ x @ x.T @ h, h @ (x @ torch.randn(5, 7, generator=gen, dtype=torch.float64) + y) @ (
+        x @ torch.randn(5, 7, generator=gen, dtype=torch.float64) + y).T @ h
+    hsic = lambda a, b: float(torch.trace(a @ b))
+    mixed = x @ torch.randn(5, 7, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert train.linear_cka(x, x) == pytest.approx(1.0)
+    q, _ = torch.linalg.qr(torch.randn(5, 5, generator=gen, dtype=torch.float64))
+    assert train.linear_cka(x, 3 * x @ q + 2) == pytest.approx(1.0)  # rotation, scale, shift
+    assert train.linear_cka(x, y) < 0.05  # unrelated, few columns for the rows
+    k, l = h @ x @ x.T @ h, h @ mixed @ mixed.T @ h
+    assert train.linear_cka(x, mixed) == pytest.approx(hsic(k, l) / math.sqrt(hsic(k, k) * hsic(l, l)))
+
+
+def hand_built(model, ds, generic_first):
+    """The model with each modality's transform set so that the generic half X_m[:, :h] is a random linear map
+    of the decoded generic factors only and the unique half one of the modality's own unique factors only (or
+    the other way round): a model whose split separates exactly as SAND claims (or its mirror image)."""
+    with torch.no_grad():
+        for m in MODALITIES:
+            f = torch.from_numpy(getattr(ds, m)).double()
+            targets = [torch.from_numpy(ds.factors[g]).double() for g in ("generic", m)]
+            lin = model.transform[m]
+            d, h = lin.weight.shape[0], lin.weight.shape[0] // 2
+            fc = f - f.mean(0)
+            maps = [torch.linalg.lstsq(fc, t - t.mean(0)).solution for t in targets]  # [d, k]: features -> factors
+            if not generic_first:
+                maps.reverse()
+            gen = torch.Generator().manual_seed(1)
+            w = torch.cat([maps[0] @ torch.randn(maps[0].shape[1], h, generator=gen, dtype=torch.float64),
+                           maps[1] @ torch.randn(maps[1].shape[1], d - h, generator=gen, dtype=torch.float64)], 1)
+            lin.weight.copy_(w.T)
+            lin.bias.copy_(-(f.mean(0) @ w))
+    return model
+
+
+def test_the_diagnostic_tells_a_separated_split_from_a_random_one_and_a_swapped_one():
+    """The controls: a hand-built model whose halves carry exactly one factor group each scores about (1, 0) and
+    (0, 1); a randomly initialised one scores each group's share of the features; one with its halves swapped
+    scores the mirror image. On the built-in data the three are far apart."""
+    ds = data.load_dataset("synthetic")
+    cfg = run_cfg(dist="l2")
+    fresh = lambda: train.build(cfg, ds, torch.device("cpu"), 0)[0]
+    got = {name: train.diagnostic(model, ds.factors) for name, model in (
+        ("random", fresh()), ("separated", hand_built(fresh(), ds, True)), ("swapped", hand_built(fresh(), ds, False)))}
+    n = ds.n_items
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    for m, other in (("image", "text"), ("text", "image")):
+        features = train.explained_share(torch.from_numpy(getattr(ds, m)), ds.factors, perm[:n // 2], perm[n // 2:])
+        assert 0.3 < features["generic"] < 0.5 and 0.3 < features[m] < 0.5 and abs(features[other]) < 0.03
+        sep, rand, swap = (got[k]["shares"] for k in ("separated", "random", "swapped"))
+        for half, group, mirror in ((" g", "generic", m), (" u", m, "generic")):
+            for part in (m + half, m + {" g": " a", " u": " b"}[half]):  # the half, and its distancing projection
+                assert sep[part][group] > 0.9 and abs(sep[part][mirror]) < 0.03, (part, sep[part])
+                assert swap[part][mirror] > 0.9 and abs(swap[part][group]) < 0.03, (part, swap[part])
+                for g in ("generic", m):  # random: in proportion to each group's variance in the features
+                    assert rand[part][g] == pytest.approx(features[g], abs=0.1), (part, g, rand[part])
+                # the three cases apart by a wide margin in the group the part should carry
+                assert sep[part][group] - rand[part][group] > 0.4 and rand[part][group] - swap[part][group] > 0.3
+                assert all(abs(case[part][other]) < 0.03 for case in (sep, rand, swap))  # the control group: nothing
+        assert abs(sep[m + " z"][m]) < 0.05 and sep[m + " z"]["generic"] > 0.3  # z reads the generic half only
+    cka = {k: v["cka"] for k, v in got.items()}
+    assert cka["separated"]["text g ~ image g"] > 0.8 > 0.5 > cka["random"]["text g ~ image g"]
+    assert cka["separated"]["image a ~ image b"] < 0.05 < 0.3 < cka["random"]["image a ~ image b"]
 
 
 def test_ablation_grid_writes_its_tables_and_resumes(tmp_path, monkeypatch):
     cfg = run_cfg(epochs=1, seeds=2, batch_size=1024, club_steps=2, out=str(tmp_path), ablation=True)
     rows = train.grid(cfg, tiny(), torch.device("cpu"), train.ABLATIONS, log=lambda *_: None)
-    assert len(rows) == 2 * len(train.ABLATIONS)
+    assert len(rows) == 2 * len(train.ABLATIONS) == 14
     with open(tmp_path / "ablation.csv") as f:
-        assert len(list(csv.DictReader(f))) == 12
+        assert len(list(csv.DictReader(f))) == 14
     table = (tmp_path / "ablation.md").read_text()
     body = [line for line in table.splitlines() if line.startswith("| ") and "±" in line]
     assert [line.split(" | ")[0][2:].replace(" (chosen)", "") for line in body] == [p[1] for p in train.ABLATIONS]
@@ -1321,36 +1373,44 @@ def test_ablation_grid_writes_its_tables_and_resumes(tmp_path, monkeypatch):
     chosen = json.loads((tmp_path / "ablation.json").read_text())["chosen"]
     assert chosen["point"] in [p[0] for p in train.ABLATIONS] and len(chosen["runs"]) == 2
     results = json.loads((tmp_path / "neither-seed1000" / "results.json").read_text())
-    assert results["unique_info_r2"]["best"]["image unique"].keys() == {"generic", "image", "text"}
+    assert results["diagnostic"]["best"]["shares"]["image u"].keys() == {"generic", "image", "text"}
+    complete = json.loads((tmp_path / "complete-seed999" / "config.json").read_text())["sand"]
+    assert (complete["align"], complete["dist"]) == ("complete", "none")
     config = json.loads((tmp_path / "neither-seed1000" / "config.json").read_text())
     assert (config["sand"]["dist"], config["sand"]["align"], config["train"]["seed"]) == ("none", "none", 1000)
 
     def no_training(*a, **k):
         raise AssertionError("a finished run was trained again")
-    monkeypatch.setattr(train, "train_one", no_training)
+    monkeypatch.setattr(train, "fit", no_training)
     assert train.grid(cfg, tiny(), torch.device("cpu"), train.ABLATIONS, log=lambda *_: None) == rows
 
 
 def test_grid_runs_the_product_writes_three_files_and_resumes_after_an_interruption(tmp_path, monkeypatch):
-    base = tiny_run(tmp_path, epochs=1, seeds=2, out=str(tmp_path / "grid"), grid=("alpha=0.012,0.5", "lr=1e-4,1e-3"))
-    real, calls = train.train_one, []
+    base = tiny_run(tmp_path, epochs=2, seeds=2, out=str(tmp_path / "grid"), grid=("alpha=0.012,0.5", "lr=1e-4,1e-3"))
+    real, real_epoch, calls, epochs = train.fit, train.train_epoch, [], []
 
-    def interrupted_at_the_third_run(cfg, *args, **kw):
-        calls.append((cfg.sand.alpha, cfg.train.lr, cfg.train.seed))
-        if len(calls) == 3:
+    def fit(cfg, ds, device, out, resume=None, **kw):
+        calls.append((cfg.sand.alpha, cfg.train.lr, cfg.train.seed, resume and resume["epoch"]))
+        return real(cfg, ds, device, out, resume, **kw)
+
+    def interrupted_in_the_third_runs_second_epoch(*args):
+        epochs.append(1)
+        if len(epochs) == 6:  # two epochs each for two runs, then one
             raise KeyboardInterrupt
-        return real(cfg, *args, **kw)
-    monkeypatch.setattr(train, "train_one", interrupted_at_the_third_run)
+        return real_epoch(*args)
+    monkeypatch.setattr(train, "fit", fit)
+    monkeypatch.setattr(train, "train_epoch", interrupted_in_the_third_runs_second_epoch)
     with pytest.raises(KeyboardInterrupt):
         train.run(run_cfg(**base), log=lambda *_: None)
-    monkeypatch.setattr(train, "train_one", lambda cfg, *args, **kw: calls.append(
-        (cfg.sand.alpha, cfg.train.lr, cfg.train.seed)) or real(cfg, *args, **kw))
+    monkeypatch.setattr(train, "train_epoch", real_epoch)
     calls.clear()
     rows = train.run(run_cfg(**base), log=lambda *_: None)
-    # the product in the order listed, each point for seeds 999 and 1000; the two finished runs read back
+    # the product in the order listed, each point for seeds 999 and 1000; the two finished runs read back,
+    # the interrupted one resumed after its first epoch
     assert [(r["point"], r["seed"]) for r in rows] == [(f"alpha={a}-lr={lr}", s) for a in (0.012, 0.5)
                                                        for lr in (0.0001, 0.001) for s in (999, 1000)]
-    assert calls == [(0.012, 0.001, 999), (0.012, 0.001, 1000)] + [(0.5, lr, s) for lr in (1e-4, 1e-3) for s in (999, 1000)]
+    assert calls == ([(0.012, 0.001, 999, 1), (0.012, 0.001, 1000, None)]
+                     + [(0.5, lr, s, None) for lr in (1e-4, 1e-3) for s in (999, 1000)])
     out = tmp_path / "grid"
     with open(out / "grid.csv") as f:
         table = list(csv.DictReader(f))
@@ -1378,7 +1438,7 @@ def fake_results(valid, test, diverged=False):
 def test_grid_chooses_by_valid_never_by_test_and_skips_a_point_that_diverged(tmp_path, monkeypatch):
     # point tau=0.1: best valid, worst test; tau=0.3: best test; tau=0.5: the best valid of all, but one run diverged
     made = {0.1: (0.30, 0.10), 0.2: (0.20, 0.20), 0.3: (0.10, 0.40), 0.5: (0.50, 0.50)}
-    monkeypatch.setattr(train, "train_one", lambda cfg, *a, **k: (
+    monkeypatch.setattr(train, "fit", lambda cfg, *a, **k: (
         fake_results(*made[cfg.sand.tau], diverged=cfg.sand.tau == 0.5 and cfg.train.seed == 1000), None, None))
     cfg = run_cfg(grid=("tau=0.1,0.2,0.3,0.5",), seeds=2, out=str(tmp_path))
     lines = []
@@ -1472,14 +1532,16 @@ def test_cuda_club_bound_matches_cpu():
 
 
 def run_steps(device, dist, graphs, epochs=3):
-    """`epochs` epochs of TrainStep on the tiny data (6 batches of 512, then one of 246) -> the step,
-    and the loss terms, parameters, BatchNorm statistics and optimizer step counts after them."""
+    """`epochs` epochs of train_step on the tiny data (6 batches of 512, then one of 246), as CUDA graphs or
+    directly -> the step, and the loss terms, parameters, BatchNorm statistics and optimizer step counts after them."""
     ds, cfg = tiny(), run_cfg(dist=dist, club_fit="intra", batch_size=512, club_steps=5)  # intra: the bound is > 0
     model, club, opt, club_opt = train.build(cfg, ds, device, 0)
     gen = torch.Generator(device=device).manual_seed(0)
     sampler = train.BPRSampler(torch.from_numpy(ds.train).to(device), ds.n_items, gen)
-    step = train.TrainStep(model, club, opt, club_opt, device, graphs)
-    terms = [train.train_epoch(model, step, sampler, cfg, train.Timer(device, False)) for _ in range(epochs)]
+    step = functools.partial(train.train_step, model, club, opt, club_opt, cfg=cfg.sand)
+    if graphs:
+        step = train.CUDAGraphed(step, [opt, club_opt])
+    terms = [train.train_epoch(model, step, sampler, cfg) for _ in range(epochs)]
     steps = {f"{name} steps": sorted({float(s["step"]) for s in o.state.values()})
              for name, o in (("model", opt), ("club", club_opt))}
     return step, terms, steps, {**model.state_dict(), **{f"club {n}": p for n, p in club.named_parameters()}}
@@ -1492,7 +1554,7 @@ def test_cuda_graph_of_the_training_step_equals_running_it(dist):
     _, want_terms, want_steps, want = run_steps(device, dist, graphs=False)
     step, terms, steps, have = run_steps(device, dist, graphs=True)
     # both batch sizes recorded (512 in epoch 1, 246 in epoch 2) and replayed; optimizers back to normal
-    assert set(step.graphs) == {512, 246} and not any(g["capturable"] for g in step.opt.param_groups)
+    assert set(step.graphs) == {512, 246} and not any(g["capturable"] for o in step.optimizers for g in o.param_groups)
     assert steps == want_steps == {"model steps": [21.0], "club steps": [105.0] if dist == "mi" else []}
     assert terms[0].keys() == ({"bpr", "solo", "club", "club_nll"} if dist == "mi" else {"bpr", "solo", "neg_l2"})
     assert len({tuple(t.values()) for t in terms}) == 3  # every epoch's terms are new

@@ -1,11 +1,18 @@
-"""Train and evaluate SAND: BPR sampling, the training loop, MMRec's Recall/NDCG, the command line.
+"""Train and evaluate SAND: BPR sampling, MMRec's Recall/NDCG, one training step, the epoch loop.
 
     python train.py                              # the built-in synthetic dataset, no download
     python train.py --dataset baby --dist l2     # data/baby/ in MMRec's format
 
-Each run writes to its folder (--out): config.json, metrics.csv, results.json, last.pt, best.pt.
+Read it top to bottom: 1. BPR sampling, 2. evaluation, 3. one training step (train_step), 4. the epoch
+loop with early stopping (fit), 5. what the learned parts carry (a diagnostic on the built-in data).
+Below the banner "Run management" comes what keeps runs safe and comparable: the configuration and its
+checks, the run folder, checkpoints, resume and interruption, grids, progress, CUDA graphs and the
+command line. A reader of the method may stop at that banner. Defaults live in one place each:
+TrainConfig below, and SANDConfig (with the VBPR backbone's) in sand.py.
 """
 import argparse
+import contextlib
+import copy
 import csv
 import dataclasses
 import functools
@@ -16,19 +23,20 @@ import math
 import os
 import platform
 import resource
+import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 import data
-from sand import (BACKBONE_DEFAULTS, CLUB, MODALITIES, SAND, VBPRSAND, FastSAND, FastVBPRSAND, SANDConfig,
-                  chunk_rows, fit_club, fit_club_fast, item_graph, lightgcn_adjacency, option)
+import sand
+from sand import (BACKBONE_DEFAULTS, CLUB, MODALITIES, PLAIN_VBPR_DEFAULTS, SAND, VBPRSAND, FastSAND, FastVBPRSAND,
+                  SANDConfig, chunk_rows, fit_club, fit_club_fast, item_graph, lightgcn_adjacency, option)
 
 KS = (10, 20)  # Recall@K and NDCG@K
-CHECKPOINT_SECONDS = 60  # last.pt and best.pt: after the first epoch, then at most this often, and at the end
 
 
 @dataclass
@@ -37,37 +45,40 @@ class TrainConfig:
     dataset: str = option("synthetic", "a built-in dataset (synthetic, synthetic-baby, synthetic-clothing) "
                           "or a folder name under --data-dir in MMRec's format (baby, sports, clothing)")
     data_dir: str = option("data", "folder holding <dataset>/ in MMRec's format")
-    data_seed: int = option(0, "seed of a built-in dataset's generator")
+    data_seed: int = option(0, "seed of a built-in dataset's generator", min=0, max=2 ** 63 - 1)
     device: str = option("", "cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
-    seed: int = option(999, "seed of initialisation and sampling")
-    epochs: int = option(1000, "most training epochs", min=1)
-    patience: int = option(20, "stop once valid Recall@20 has not improved for more than this many epochs", min=0)
-    batch_size: int = option(2048, "BPR triples per training batch", min=1)
+    seed: int = option(999, "seed of initialisation and sampling", min=0, max=2 ** 63 - 1)
+    epochs: int = option(1000, "most training epochs", min=1, max=10 ** 9)
+    patience: int = option(20, "early stopping: stop once valid Recall@20 has gone more than this many epochs "
+                           "without improving (MMRec's rule: 20 stops at the 21st)", min=0, max=10 ** 9)
+    batch_size: int = option(2048, "BPR triples per training batch", min=1, max=2 ** 31 - 1)
     lr: float = option(1e-4, "Adam learning rate (model and CLUB estimator)", above=0)
+    plain: bool = option(False, "run sand.py's plain tier (SAND and fit_club: autograd, X_m formed) instead of "
+                         "its fast paths (FastSAND, fit_club_fast), and on a GPU without CUDA graphs: the same "
+                         "mathematics, other float rounding; slower")
     out: str = option("", "run folder (default: runs/<dataset>-<dist>-seed<seed>, then -setting=value for each "
                       "other setting not at its default)")
-    topk_out: str = option("", "write the top-20 items of every test user at the best epoch to this TSV")
+    topk_out: str = option("", "write the top-20 items of every test user at the best epoch to this TSV (a new "
+                           "file, or one that --topk-out wrote before)")
     eval_only: bool = option(False, "evaluate the checkpoint --ckpt on valid and test, no training")
     ckpt: str = option("", "checkpoint for --eval-only")
     resume: str = option("", "continue the run that wrote this checkpoint (last.pt), in its folder and with its "
                          "settings; --epochs and --patience may extend it")
-    ablation: bool = option(False, "run the ablation grid (full SAND with mi and l2, cross and intra CLUB "
-                            "fitting, alignment only, distancing only, neither) and write ablation.csv/.md/.json")
+    ablation: bool = option(False, "run the ablation grid (SAND with mi and l2, cross and intra CLUB fitting, "
+                            "alignment only, distancing only, neither, complete alignment) and write "
+                            "ablation.csv/.md/.json")
     grid: tuple = option((), "run every point of the product of the listed settings, e.g. --grid alpha=0.012,0.1 "
-                         "ureg=0.006,0.06 (any model or training setting that changes results), and write "
-                         "grid.csv/.md/.json; the chosen point is the best mean valid Recall@20", nargs="+",
-                         metavar="SETTING=V1,V2,...")
-    seeds: int = option(3, "seeds per point in --ablation or --grid: --seed, --seed + 1, ...", min=1)
-    plain: bool = option(False, "run sand.py's plain tier (SAND and fit_club: autograd, X_m formed) instead of "
-                         "its fast paths (FastSAND, fit_club_fast), and on a GPU without CUDA graphs: the same method, only "
-                         "float rounding differs; slower")
+                         "tau=0.1,0.2 (any model or training setting that changes results), and write "
+                         "grid.csv/.md/.json; the chosen point is the best mean valid Recall@20, a tie going to "
+                         "the point listed first", nargs="+", metavar="SETTING=V1,V2,...")
+    seeds: int = option(3, "seeds per point in --ablation or --grid: --seed, --seed + 1, ...", min=1, max=10 ** 6)
     profile: bool = option(False, "print per-epoch seconds in sampling, forward, backward, estimator, "
                            "optimizer and evaluation (synchronises the device; on a GPU the steps then "
                            "run without CUDA graphs, so that each phase can be timed)")
 
 
 # ---------------------------------------------------------------------------------------------
-# BPR sampling
+# 1. BPR sampling
 
 class BPRSampler:
     """Every train interaction once per epoch in a fresh random order, each with one negative drawn
@@ -102,21 +113,19 @@ class BPRSampler:
             neg[todo] = draw(len(todo))
 
     def epoch(self, batch_size, n_perms=0):
-        """-> list of (users, positives, negatives) batches, [B] each. With n_perms, each batch also
-        carries n_perms random permutations of all items [n_perms, I] (the CLUB bound's, one per
-        modality): everything random in an epoch is drawn here, from one generator."""
+        """-> list of (users, positives, negatives, permutations) batches, [B] each; with n_perms, the
+        permutations are n_perms random orders of all items [n_perms, I] (the CLUB bound's, one per
+        modality), else None: everything random in an epoch is drawn here, from one generator."""
         order = torch.randperm(len(self.pairs), generator=self.gen, device=self.pairs.device)
         user, pos = self.pairs[order].unbind(1)
         neg = self.negatives(user)
-        batches = list(zip(user.split(batch_size), pos.split(batch_size), neg.split(batch_size)))
-        if n_perms:
-            perm = lambda: torch.randperm(self.n_items, generator=self.gen, device=user.device)  # [I]
-            batches = [b + (torch.stack([perm() for _ in range(n_perms)]),) for b in batches]
-        return batches
+        batches = zip(user.split(batch_size), pos.split(batch_size), neg.split(batch_size))
+        perm = lambda: torch.randperm(self.n_items, generator=self.gen, device=user.device)  # [I]
+        return [(u, p, n, torch.stack([perm() for _ in range(n_perms)]) if n_perms else None) for u, p, n in batches]
 
 
 # ---------------------------------------------------------------------------------------------
-# Evaluation: full ranking, MMRec's Recall@K and NDCG@K
+# 2. Evaluation: full ranking, MMRec's Recall@K and NDCG@K
 
 class Evaluator:
     """Full ranking over all items for every user with items in a split, the user's train items
@@ -178,67 +187,231 @@ class Evaluator:
         return result
 
 
-# ---------------------------------------------------------------------------------------------
-# What the learned parts carry (built-in datasets, whose planted factors are known)
+def make_evaluator(ds, device):
+    splits = {s: torch.from_numpy(getattr(ds, s)) for s in ("valid", "test")}
+    return Evaluator(torch.from_numpy(ds.train), splits, ds.n_items, device)
 
-def ridge_r2(x_fit, x_new, targets, penalties=10.0 ** np.arange(-3, 5)):
-    """Held-out R^2 of a ridge regression y ~ x for each target {name: (y_fit, y_new)}, in closed
-    form: columns of x standardised on the fitting rows, each target's penalty picked from `penalties`
-    by exact leave-one-out error on those rows. One SVD of x serves every target and penalty:
-        coef = (X^T X + lam I)^-1 X^T y = V diag(s / (s^2 + lam)) U^T y   (X = U diag(s) V^T)"""
-    mean, std = x_fit.mean(0), x_fit.std(0).clamp_min(1e-12)
-    x_fit, x_new = (x_fit - mean).div_(std), (x_new - mean).div_(std)
-    u, sv, vh = torch.linalg.svd(x_fit, full_matrices=False)  # [n, r], [r], [r, d]
-    shrinks = [sv ** 2 / (sv ** 2 + lam) for lam in penalties]  # [r] each
-    leverages = [(u ** 2 * shrink).sum(1) for shrink in shrinks]  # [n] each: diagonal of the hat matrix
+
+def scorer(model):
+    """-> score(users [b]) -> [b, I]: the model's score of every item (SAND.score), from embeddings
+    recomputed in eval mode (not left over from the last training batch)."""
+    model.eval()
+    with torch.no_grad():
+        users, items, _ = model(parts=False)
+    return functools.partial(model.score, users, items)
+
+
+def evaluate(model, evaluator):
+    return evaluator(scorer(model))
+
+
+def most_popular(ds, device):
+    """The baseline every model must beat: rank items by their train interaction count."""
+    counts = torch.bincount(torch.from_numpy(ds.train[:, 1]), minlength=ds.n_items).double().to(device)
+    return make_evaluator(ds, device)(lambda users: counts.repeat(len(users), 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. One training step
+
+def train_step(model, club, opt, club_opt, batch, cfg, fit=fit_club_fast, lap=lambda phase: None):
+    """One step on a batch (users, positives, negatives [B] each, the CLUB bound's permutations [2, I] or
+    None); `cfg` is the SANDConfig, `fit` fit_club or its fast path. -> the loss terms {name: tensor}.
+    The objective (sand.sand_loss): L = BPR + alpha * SoloSim + (ureg * CLUB  or  w_l2 * negL2)."""
+    user, pos, neg, perms = batch
+    # 1. forward and loss
+    opt.zero_grad(set_to_none=True)
+    loss, terms, pairs = model.loss(user, pos, neg, club, perms)
+    lap("forward")
+    # 2. backward: the model's gradients (the CLUB bound gives the estimator none)
+    loss.backward()
+    lap("backward")
+    # 3. --dist mi: the estimator q takes its steps on the detached pairs, between backward and step (released)
+    if pairs is not None:
+        terms["club_nll"] = fit(club, club_opt, *pairs, cfg.club_steps)
+        lap("estimator")
+    # 4. the model's optimizer step
+    opt.step()
+    lap("optimizer")
+    return terms
+
+
+def train_epoch(model, step, sampler, cfg, lap=lambda phase: None):
+    """One pass over the train interactions, `step(batch)` per batch; -> the mean of each loss term."""
+    model.train()
+    batches = sampler.epoch(cfg.train.batch_size, n_perms=len(MODALITIES) if cfg.sand.dist == "mi" else 0)
+    lap("sample")
+    sums = {}
+    for done, batch in enumerate(batches, 1):
+        for k, v in step(batch).items():
+            sums[k] = sums.get(k, 0) + v
+        STATUS.batch(done, len(batches))
+    names = list(sums)
+    values = (torch.stack([sums[k] for k in names]) / len(batches)).tolist()  # one host sync
+    return dict(zip(names, values))
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. The epoch loop, with MMRec's early stopping
+
+@dataclass
+class Progress:
+    """Where a run stands after an epoch: what early stopping and the results need (saved in last.pt)."""
+    epoch: int = 0  # epochs finished
+    best_score: float = -1.0  # the best valid Recall@20 so far, rounded to 4 decimals as MMRec does
+    bad_epochs: int = 0  # epochs in a row since it last improved
+    best_epoch: int | None = None
+    best: dict | None = None  # valid and test metrics of the best epoch
+    diverged: int | None = None  # the epoch after which a loss or a weight was not finite
+    history: list = field(default_factory=list)  # metrics.csv: a row per epoch
+    diagnostic_init: dict | None = None  # what the parts carried before training (built-in data)
+
+
+def early_stopping(score, best, bad_epochs):
+    """MMRec's rule: the score, rounded to 4 decimals as MMRec reports it, must strictly beat the best.
+    -> (best, bad_epochs, improved); the run stops once bad_epochs exceeds the patience."""
+    score = round(score, 4)
+    if score > best:
+        return score, 0, True
+    return best, bad_epochs + 1, False
+
+
+def fit(cfg, ds, device, out, resume=None, log=print):
+    """Train on `ds` with early stopping on valid Recall@20, in run folder `out`: a new run, or the one
+    that checkpoint `resume` continues. -> (results, the model at its best epoch, the evaluator)"""
+    t = cfg.train
+    model, club, opt, club_opt = build(cfg, ds, device, t.seed)
+    sampler = BPRSampler(torch.from_numpy(ds.train).to(device), ds.n_items,
+                         torch.Generator(device=device).manual_seed(t.seed))
+    evaluator = make_evaluator(ds, device)
+    timer = Timer(device, sync=t.profile)
+    step = functools.partial(train_step, model, club, opt, club_opt, cfg=cfg.sand,
+                             fit=fit_club if t.plain else fit_club_fast, lap=timer.lap)
+    if device.type == "cuda" and not (t.plain or t.profile):
+        step = CUDAGraphed(step, [opt, club_opt])  # the same step, recorded once and replayed
+    with Run(cfg, ds, out, log) as run:
+        p = run.start(model, club, opt, club_opt, sampler.gen, resume)  # a new Progress, or the checkpoint's
+        while p.epoch < t.epochs and p.bad_epochs <= t.patience and p.diverged is None:
+            epoch, t0 = p.epoch + 1, time.perf_counter()
+            terms = train_epoch(model, step, sampler, cfg, timer.lap)
+            t1 = time.perf_counter()
+            if not finite(terms, model, club):  # no later epoch, nor this one, can be trusted
+                p.diverged = epoch
+                run.diverged(p, terms)
+                break
+            metrics = evaluate(model, evaluator)
+            t2 = time.perf_counter()
+            p.best_score, p.bad_epochs, improved = early_stopping(metrics["valid"]["recall@20"], p.best_score,
+                                                                  p.bad_epochs)
+            if improved:
+                p.best_epoch, p.best = epoch, metrics
+            p.epoch = epoch
+            run.end_epoch(p, terms, metrics, improved, t1 - t0, t2 - t1, timer)  # metrics.csv, checkpoints, log
+        return run.finish(p, model, evaluator), model, evaluator
+
+
+def finite(terms, *modules):
+    """Are every loss term and every weight finite? (one host sync)"""
+    weights = [p for m in modules for p in m.parameters()]
+    return all(math.isfinite(v) for v in terms.values()) and bool(torch.stack([w.isfinite().all() for w in weights]).all())
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. What the learned parts carry (built-in data, whose planted factors are known)
+#
+# Each item of the built-in data carries three independent groups of planted factors: generic (seen by both
+# modalities), image-unique and text-unique; each modality's features are a linear map of its two groups plus
+# noise. The diagnostic asks, on held-out items, how much of each learned part's variance each group explains:
+# R^2(part | group). A part that SAND's split separates as it claims shows a generic half (and its alignment
+# view z_m and distancing projection a_m) explained by the generic factors and a unique half (b_m) by its own
+# modality's unique ones; a random linear map of the features shows each group's share of the features.
+
+def explained_share(part, factors, fit_rows, new_rows):
+    """R^2(part | group) for each factor group: the share of the part's variance on the `new_rows` items that
+    a least-squares affine map from the group's factors, fitted on the `fit_rows` items, explains:
+        R^2 = 1 - sum ||P_new - F_new B - c||^2 / sum ||P_new - mean P_new||^2   over all columns of P
+    part [I, k]; factors {group: [I, f]}. Since the groups are independent, the shares add up (for a part
+    that is linear in the features), the rest being noise; a group the part ignores scores about 0."""
+    p = part.double()
+    p_fit, p_new = p[fit_rows], p[new_rows]
+    total = ((p_new - p_new.mean(0)) ** 2).sum()
     out = {}
-    for name, (y_fit, y_new) in targets.items():
-        y_mean = y_fit.mean(0)
-        uty = u.T @ (y_fit - y_mean)  # [r, k]
-        loo = []
-        for shrink, leverage in zip(shrinks, leverages):
-            fitted = u @ (shrink[:, None] * uty)  # [n, k]
-            loo.append((((y_fit - y_mean - fitted) / (1 - leverage)[:, None]) ** 2).sum())
-        lam = penalties[int(torch.stack(loo).argmin())]
-        coef = vh.T @ ((sv / (sv ** 2 + lam))[:, None] * uty)  # [d, k]
-        residual = y_new - (x_new @ coef + y_mean)
-        out[name] = float(1 - (residual ** 2).sum() / ((y_new - y_new.mean(0)) ** 2).sum())
+    for name, f in factors.items():
+        f = torch.as_tensor(f).double()
+        design = torch.cat([f, torch.ones(len(f), 1, dtype=f.dtype)], 1)  # [I, f + 1]: the factors and an intercept
+        coef = torch.linalg.lstsq(design[fit_rows], p_fit).solution  # [f + 1, k]
+        out[name] = float(1 - ((p_new - design[new_rows] @ coef) ** 2).sum() / total)
     return out
 
 
-def unique_info(model, factors, seed=0):
-    """R^2 of each planted factor group (generic, image-unique, text-unique) predicted from each
-    learned part that the model's parts() gives (SAND: per modality g_m, u_m and their distancing
-    projections a_m, b_m) by ridge regression fitted on a random half of the items, scored on the other half."""
-    STATUS.show("planted-factor diagnostic: ridge R^2 of each learned part ...")
+def linear_cka(x, y):
+    """Linear CKA (Kornblith et al., 2019) of two representations of the same n items, x [n, p], y [n, q]:
+        ||Xc^T Yc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F),  Xc, Yc centred by column.
+    1 when one is a rotation and scaling of the other, about 0 for unrelated ones (of few columns)."""
+    x, y = x.double() - x.double().mean(0), y.double() - y.double().mean(0)
+    return float((x.T @ y).norm() ** 2 / ((x.T @ x).norm() * (y.T @ y).norm()))
+
+
+CKA_PAIRS = [("text g", "image g"), ("text z", "image z"), ("text a", "text b"), ("image a", "image b")]
+
+
+def diagnostic(model, factors, seed=0):
+    """-> {"shares": {part: {group: R^2(part | group)}}, "cka": {"x ~ y": linear CKA}} on the items of a random
+    half (fitted on the other half) for every part in model.parts(), in eval mode; CKA of the two modalities'
+    generic halves and alignment views, and of each modality's distancing pair (VBPR's: the halves, a_m = g_m)."""
+    STATUS.show("planted-factor diagnostic ...")
     n = len(factors["generic"])
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     fit_rows, new_rows = perm[:n // 2], perm[n // 2:]
-    truth = {}  # {factor group: (rows to fit on, rows to score on)}
-    for name, f in factors.items():
-        y = torch.from_numpy(f).double()
-        truth[name] = (y[fit_rows], y[new_rows])
-    out = {}
-    for part, x in model.parts().items():
-        x = x.cpu()  # float32; only the two halves of the rows are made float64
-        r2 = ridge_r2(x[fit_rows].double(), x[new_rows].double(), truth)
-        out[part] = {name: round(v, 4) for name, v in r2.items()}
-    return out
+    was_training = model.training
+    model.eval()
+    parts = {name: x.cpu() for name, x in model.parts().items()}
+    model.train(was_training)
+    alias = lambda name: name if name in parts else name.replace(" a", " g").replace(" b", " u")  # VBPR: a = g, b = u
+    cka = {}
+    for x, y in CKA_PAIRS:
+        x, y = alias(x), alias(y)
+        if x in parts and y in parts:
+            cka[f"{x} ~ {y}"] = round(linear_cka(parts[x][new_rows], parts[y][new_rows]), 4)
+    shares = {name: {g: round(v, 4) for g, v in explained_share(x, factors, fit_rows, new_rows).items()}
+              for name, x in parts.items()}
+    return {"shares": shares, "cka": cka}
 
 
-def format_r2(r2):
-    lines = ["R^2 of planted factors from learned parts (held-out items): init -> best epoch",
-             f"{'part':16s}" + "".join(f"{f:>20s}" for f in next(iter(r2["best"].values())))]
-    for part, row in r2["best"].items():
-        lines.append(f"{part:16s}" + "".join(f"{r2['init'][part][f]:>10.3f} ->{v:>7.3f}" for f, v in row.items()))
+def format_diagnostic(init, best):
+    groups = list(next(iter(best["shares"].values())))
+    lines = ["R^2(part | planted factor group) on held-out items, at initialisation -> at the best epoch",
+             f"{'part':10s}" + "".join(f"{g:>18s}" for g in groups)]
+    for part, row in best["shares"].items():
+        lines.append(f"{part:10s}" + "".join(f"{init['shares'][part][g]:>9.3f} ->{v:>6.3f}" for g, v in row.items()))
+    lines += ["linear CKA: " + ", ".join(f"{k} {init['cka'][k]:.3f} -> {v:.3f}" for k, v in best["cka"].items())]
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------------------------------
-# Building and saving a run
+# =============================================================================================
+# Run management. Nothing below changes what a run computes: it builds and checks the configuration,
+# keeps the run's folder whole (checked before it is touched, locked while in use, every file written
+# whole, the last finished epoch written on an interruption), resumes, runs grids, shows progress,
+# records the training step as a CUDA graph on a GPU, and reads the command line.
 
 class UsageError(Exception):
     """A command line that cannot be carried out; the message says why in one line."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The configuration: settings as given, the rest at the variant's defaults, and their checks
+
+@dataclass
+class RunConfig:
+    sand: SANDConfig
+    train: TrainConfig
+    given: frozenset = frozenset()  # the settings set explicitly: on the command line, or by a grid point
+
+    def as_dict(self):
+        return {"sand": dataclasses.asdict(self.sand), "train": dataclasses.asdict(self.train)}
+
+
+FIELDS = {f.name: f for part in (SANDConfig, TrainConfig) for f in dataclasses.fields(part)}
 
 
 def flag(name):
@@ -246,26 +419,136 @@ def flag(name):
     return "--" + name.replace("_", "-")
 
 
-def default(f, backbone):
-    """The default of configuration field `f` for `backbone` (sand.BACKBONE_DEFAULTS, else the field's)."""
-    return BACKBONE_DEFAULTS[backbone].get(f.name, f.default)
+def variant_defaults(backbone, dist, align):
+    """{setting: default} where the variant's default differs from its field's: the VBPR backbone's
+    (sand.BACKBONE_DEFAULTS), and plain VBPR's (sand.PLAIN_VBPR_DEFAULTS)."""
+    out = dict(BACKBONE_DEFAULTS.get(backbone, {}))
+    if backbone == "vbpr" and dist == align == "none":
+        out |= PLAIN_VBPR_DEFAULTS
+    return out
 
 
-def make_config(**settings):
-    """A run configuration with these settings; every other one at its default for the backbone."""
-    backbone = settings.get("backbone", SANDConfig.backbone)
-    parts = [{f.name: settings.get(f.name, default(f, backbone)) for f in dataclasses.fields(cls)}
-             for cls in (SANDConfig, TrainConfig)]
-    unknown = settings.keys() - parts[0].keys() - parts[1].keys()
+def make_config(given=None, **settings):
+    """A run configuration with these settings; every other one at its default for the variant. The
+    settings count as given (checked by check_read) unless `given` names which ones were."""
+    unknown = settings.keys() - FIELDS.keys()
     if unknown:
         raise TypeError(f"make_config: no setting {', '.join(sorted(unknown))}")
-    return RunConfig(SANDConfig(**parts[0]), TrainConfig(**parts[1]))
+    backbone = settings.get("backbone", SANDConfig.backbone)
+    pick = lambda name, extra: settings.get(name, extra.get(name, FIELDS[name].default))
+    first = BACKBONE_DEFAULTS.get(backbone, {})
+    defaults = variant_defaults(backbone, pick("dist", first), pick("align", first))
+    values = {name: pick(name, defaults) for name in FIELDS}
+    return RunConfig(SANDConfig(**{f.name: values[f.name] for f in dataclasses.fields(SANDConfig)}),
+                     TrainConfig(**{f.name: values[f.name] for f in dataclasses.fields(TrainConfig)}),
+                     frozenset(settings if given is None else given))
+
+
+def value(cfg, name):
+    return getattr(cfg.sand if name in cfg.sand.__dataclass_fields__ else cfg.train, name)
 
 
 def off_default(cfg):
-    """{field: value} of every setting of the run configuration that is not at its default (for its backbone)."""
-    return {f.name: getattr(part, f.name) for part in (cfg.sand, cfg.train) for f in dataclasses.fields(part)
-            if getattr(part, f.name) != default(f, cfg.sand.backbone)}
+    """{field: value} of every setting of the run configuration that is not at its default for its variant."""
+    s = cfg.sand
+    defaults = variant_defaults(s.backbone, s.dist, s.align)
+    return {name: value(cfg, name) for name, f in FIELDS.items() if value(cfg, name) != defaults.get(name, f.default)}
+
+
+# Settings that do not change what a run computes
+NOT_IN_RESULTS = ("data_dir", "device", "out", "topk_out", "eval_only", "ckpt", "resume", "ablation", "grid",
+                  "seeds", "profile")
+ONLY_WITH = {"ckpt": ("eval_only",), "seeds": ("ablation", "grid")}  # flags that mean something only with another
+PATHS = ("dataset", "data_dir", "out", "topk_out", "ckpt", "resume")  # an empty one is a mistake
+
+
+def check(cfg):
+    """Every setting of its type, within its option's range and choices; no flag that would be ignored or
+    fail late; output paths of the right kind (found out now, not after training). Else a UsageError."""
+    for name, f in FIELDS.items():
+        v, m, fl = value(cfg, name), f.metadata, flag(name)
+        kind = (int, float) if f.type is float else f.type
+        if not isinstance(v, kind) or (f.type is not bool and isinstance(v, bool)):
+            raise UsageError(f"{fl} must be a{'n' if f.type is int else ''} {f.type.__name__} (got {v!r})")
+        if f.type is float and not math.isfinite(v):
+            raise UsageError(f"{fl} must be a finite number (got {v})")
+        if v not in m.get("choices", (v,)):
+            raise UsageError(f"{fl} must be one of {', '.join(m['choices'])} (got {v!r})")
+        for key, ok, words in (("min", lambda b: v >= b, "at least"), ("max", lambda b: v <= b, "at most"),
+                               ("above", lambda b: v > b, "above"), ("below", lambda b: v < b, "below")):
+            if key in m and not ok(m[key]):
+                raise UsageError(f"{fl} must be {words} {m[key]} (got {v})")
+    t, s = cfg.train, cfg.sand
+    for name in PATHS:
+        if name in cfg.given and value(cfg, name) == "":
+            raise UsageError(f"{flag(name)} '' is empty: give a path, or leave the flag out")
+    for name, needed in ONLY_WITH.items():
+        if name in cfg.given and not any(getattr(t, n) for n in needed):
+            raise UsageError(f"{flag(name)} is read only with {' or '.join(map(flag, needed))}")
+    many = [n for n in ("ablation", "grid", "resume", "eval_only") if getattr(t, n)]
+    if len(many) > 1:
+        raise UsageError(f"{flag(many[0])} and {flag(many[1])} do not go together: run them one at a time")
+    for name in ("topk_out", "profile"):
+        if many and many[0] in ("ablation", "grid") and getattr(t, name):
+            raise UsageError(f"{flag(name)} does nothing in {flag(many[0])}: run one point alone with it")
+    if t.seed + (t.seeds - 1 if many and many[0] in ("ablation", "grid") else 0) > FIELDS["seed"].metadata["max"]:
+        raise UsageError(f"--seed {t.seed} with --seeds {t.seeds} goes past {FIELDS['seed'].metadata['max']}")
+    if s.backbone == "vbpr" and (s.embed_dim < 2 or s.embed_dim % 2):
+        raise UsageError(f"--backbone vbpr splits --embed-dim into a generic and a unique half: give an even "
+                         f"number, 2 or more (got {s.embed_dim})")
+    if t.out and os.path.isfile(t.out):
+        raise UsageError(f"--out {t.out} is a file: give a folder path")
+    if t.topk_out:
+        check_topk_path(t.topk_out)
+
+
+def check_read(cfg):
+    """Refuse a given model setting that the variant does not read (sand.unread): it would be ignored."""
+    unread = sand.unread(cfg.sand)
+    for name in FIELDS:  # in the order of the flags
+        if name in cfg.given and name in unread:
+            raise UsageError(f"{flag(name)} is {unread[name]}: leave it out")
+
+
+def check_for_data(cfg, ds, device):
+    """The settings that depend on the data: the kNN graph's k, and the memory the run needs."""
+    if cfg.sand.backbone == "dragon" and cfg.sand.knn_k > ds.n_items:
+        raise UsageError(f"--knn-k {cfg.sand.knn_k} is more than the {ds.n_items} items of {ds.name}")
+    need, what = memory_needed(cfg, ds)
+    have = memory_available(device)
+    if have is not None and need > have:
+        raise UsageError(f"this run needs at least {need / 2 ** 30:.1f} GiB ({what}), more than the "
+                         f"{have / 2 ** 30:.1f} GiB available on {device}")
+
+
+def memory_needed(cfg, ds):
+    """A lower bound on the bytes a run holds at once, and what they are: every parameter with its gradient and
+    Adam's two moments, the features, and (--plain) X_m and SoloSimLoss's I x I logits. The model is built on
+    the meta device to count its parameters: nothing is allocated."""
+    dims = {"image": ds.image.shape[1], "text": ds.text.shape[1]}
+    with torch.device("meta"):
+        feats = {m: torch.empty(ds.n_items, d) for m, d in dims.items()}
+        model = (VBPRSAND(cfg.sand, ds.n_users, feats) if cfg.sand.backbone == "vbpr"
+                 else SAND(cfg.sand, ds.n_users, feats, None, None))
+    params = dict(model.named_parameters())
+    n = sum(p.numel() for p in params.values())
+    need = 16 * n + 4 * ds.n_items * sum(dims.values())
+    if cfg.train.plain:
+        need += 2 * 4 * ds.n_items * sum(dims.values()) + (3 * 4 * ds.n_items ** 2 if cfg.sand.align != "none" else 0)
+    largest = max(params, key=lambda k: params[k].numel())
+    return need, (f"{n:,} parameters, each with its gradient and Adam's two moments; the largest, {largest}, is "
+                  f"{' x '.join(map(str, params[largest].shape))}")
+
+
+def memory_available(device):
+    """Bytes free for a run on `device` (None if unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
 
 
 def resolve_device(name):
@@ -275,6 +558,8 @@ def resolve_device(name):
         device = torch.device(name)
     except RuntimeError:
         raise UsageError(f"--device {name!r} is not a device: use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {name}: only cpu and cuda are supported (the graphs use sparse CSR products)")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {name}: this torch sees no CUDA GPU; use --device cpu")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
@@ -291,8 +576,6 @@ def build(cfg, ds, device, seed):
         model = (VBPRSAND if cfg.train.plain else FastVBPRSAND)(cfg.sand, ds.n_users, features).to(device)
         pair_dim = cfg.sand.embed_dim // 2  # the distancing pairs are the halves themselves
     else:
-        if cfg.sand.knn_k > ds.n_items:
-            raise UsageError(f"--knn-k {cfg.sand.knn_k} is more than the {ds.n_items} items of {ds.name}")
         adjacency = lightgcn_adjacency(torch.from_numpy(ds.train), ds.n_users, ds.n_items)
         STATUS.show(f"building the item-item kNN graph of {ds.n_items} items ...")
         graph = item_graph(features["image"].to(device), features["text"].to(device), cfg.sand.knn_k,
@@ -305,302 +588,382 @@ def build(cfg, ds, device, seed):
     return model, club, opt, club_opt
 
 
-@dataclass
-class RunConfig:
-    sand: SANDConfig
-    train: TrainConfig
-
-
-def save_json(path, obj):
-    data.atomic_write(path, json.dumps(obj, indent=2) + "\n")
-
-
-def save_checkpoint(path, state):
-    data.atomic_write(path, lambda f: torch.save(state, f), mode="wb")
-
-
-def write_metrics(path, rows):
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    data.atomic_write(path, buf.getvalue())
-
-
-class Status:
-    """The command line's progress line: on a terminal, one line rewritten in place and cleared before
-    each logged line; elsewhere (a log file, a pipe) nothing, so the output is one line per epoch.
-    main() turns it on when stdout is a terminal."""
-
-    def __init__(self):
-        self.on, self.width, self.shown_at = False, 0, -math.inf
-
-    def show(self, text, every=0.0):
-        """Put `text` on the progress line (at most once per `every` seconds)."""
-        if self.on and time.perf_counter() - self.shown_at >= every:
-            sys.stdout.write("\r" + text.ljust(self.width))
-            sys.stdout.flush()
-            self.width, self.shown_at = len(text), time.perf_counter()
-
-    def log(self, *args):
-        """print(), after clearing the progress line."""
-        if self.width:
-            sys.stdout.write("\r" + " " * self.width + "\r")
-            self.width = 0
-        print(*args, flush=True)
-
-
-STATUS = Status()
-
-
-class Timer:
-    """Seconds per phase of an epoch; with `sync`, waits for the device at each lap (profiling)."""
-
-    def __init__(self, device, sync):
-        self.device, self.sync = device, sync and device.type == "cuda"
-        self.total, self.last = {}, time.perf_counter()
-
-    def lap(self, name):
-        if self.sync:
-            torch.cuda.synchronize(self.device)
-        now = time.perf_counter()
-        self.total[name] = self.total.get(name, 0.0) + now - self.last
-        self.last = now
+def load(t):
+    """The dataset of training configuration `t`."""
+    STATUS.show(f"loading {t.dataset} ..." if t.dataset not in data.BUILTIN else f"making the built-in {t.dataset} ...")
+    return data.load_dataset(t.dataset, t.data_dir, t.data_seed)
 
 
 # ---------------------------------------------------------------------------------------------
-# Training
+# The run folder: config.json, metrics.csv, last.pt, best.pt, results.json
 
-class TrainStep:
-    """One training step on a batch (users, positives, negatives[, permutations]): the model's forward
-    and backward, the CLUB estimator's steps (fit_club, after the model's backward and before its
-    optimizer step), the model's optimizer step; returns the loss terms.
-    On a GPU, the second batch of each size records the whole step once as a CUDA graph (thousands of
-    kernels at Baby's size, most of them the estimator's), and every later batch of that size copies its
-    tensors into the graph's input buffers and replays it: the same kernels on the same memory, so the
-    same numbers, without launching them one by one from Python. The first batch of each size runs
-    directly, which also makes the optimizers' state that the graph updates. With `graphs` off (--profile,
-    which times each phase, and --plain) every step runs directly. `plain`: fit_club, else fit_club_fast."""
-
-    def __init__(self, model, club, opt, club_opt, device, graphs=True, plain=False):
-        self.model, self.club, self.opt, self.club_opt = model, club, opt, club_opt
-        self.fit_club = fit_club if plain else fit_club_fast
-        self.graphed = graphs and device.type == "cuda"
-        self.seen, self.graphs = set(), {}  # batch sizes run so far; size: (graph, its input buffers, its terms)
-
-    def run(self, batch, timer):
-        user, pos, neg, *perms = batch
-        self.opt.zero_grad(set_to_none=True)
-        loss, terms, pairs = self.model.loss(user, pos, neg, self.club, *perms)
-        timer.lap("forward")
-        loss.backward()
-        timer.lap("backward")
-        if pairs is not None:
-            terms["club_nll"] = self.fit_club(self.club, self.club_opt, *pairs, self.model.cfg.club_steps)
-            timer.lap("estimator")
-        self.opt.step()
-        timer.lap("optimizer")
-        return terms
-
-    def __call__(self, batch, timer):
-        size = len(batch[0])
-        if not self.graphed or size not in self.seen:
-            self.seen.add(size)
-            return self.run(batch, timer)
-        if size not in self.graphs:  # record (capture runs nothing), then replay below
-            inputs = [t.clone() for t in batch]  # the graph's inputs, at fixed addresses
-            graph, groups = torch.cuda.CUDAGraph(), self.opt.param_groups + self.club_opt.param_groups
-            for g in groups:  # capture asks for it; fused Adam computes the same either way
-                g["capturable"] = True
-            with torch.cuda.graph(graph):
-                terms = self.run(inputs, timer)
-            for g in groups:
-                g["capturable"] = False
-            self.graphs[size] = graph, inputs, terms
-        graph, inputs, terms = self.graphs[size]
-        for buffer, t in zip(inputs, batch):
-            buffer.copy_(t)
-        graph.replay()
-        return {k: v.clone() for k, v in terms.items()}  # the next replay overwrites them
+RUN_FILES = ("config.json", "metrics.csv", "results.json", "last.pt", "best.pt")
+CHECKPOINT_SECONDS = 60  # last.pt and best.pt: after the first epoch, then at most this often, at the end, on interruption
 
 
-def train_epoch(model, step, sampler, cfg, timer):
-    """One pass over the train interactions; returns the mean of each loss term."""
-    model.train()
-    sums = {}
-    batches = sampler.epoch(cfg.train.batch_size, len(MODALITIES) if cfg.sand.dist == "mi" else 0)
-    timer.lap("sample")
-    start = time.perf_counter()
-    for done, batch in enumerate(batches, 1):
-        for k, v in step(batch, timer).items():
-            sums[k] = sums.get(k, 0) + v
-        spent = time.perf_counter() - start
-        STATUS.show(f"training: batch {done}/{len(batches)}, {spent:.1f} s, about "
-                    f"{spent / done * (len(batches) - done):.0f} s left in this epoch", every=0.2)
-    names = list(sums)
-    values = (torch.stack([sums[k] for k in names]) / len(batches)).tolist()  # one host sync
-    return dict(zip(names, values))
+class Run:
+    """A run's folder and its bookkeeping, used as `with Run(...) as run:` around the epoch loop.
+    start() checks everything that can fail before it touches the folder: the checkpoint it resumes loads
+    into the model, no other train.py holds the folder (a lock), and the folder holds no other run's files
+    (other settings or other data) that a new run would replace. Every file is written whole. Each epoch's
+    state is kept in memory and written to last.pt after the first epoch, then at most once a minute, at the
+    end, and when the run is interrupted (Ctrl-C, SIGTERM), so that no finished epoch is lost."""
 
+    def __init__(self, cfg, ds, out, log):
+        self.cfg, self.ds, self.out, self.log = cfg, ds, out, log
+        self.lock, self.state, self.saved_epoch, self.saved_at = FolderLock(out), None, None, -math.inf
+        self.best_weights = None
 
-def early_stopping(score, best, bad_epochs, patience):
-    """MMRec's rule: the score, rounded to 4 decimals as MMRec reports it, must strictly beat the
-    best; stop once more than `patience` epochs in a row have not. -> (best, bad_epochs, improved, stop)"""
-    score = round(score, 4)
-    if score > best:
-        return score, 0, True, False
-    return best, bad_epochs + 1, False, bad_epochs + 1 > patience
+    def path(self, name):
+        return os.path.join(self.out, name)
 
+    def __enter__(self):
+        return self
 
-def make_evaluator(ds, device):
-    splits = {s: torch.from_numpy(getattr(ds, s)) for s in ("valid", "test")}
-    return Evaluator(torch.from_numpy(ds.train), splits, ds.n_items, device)
+    def __exit__(self, kind, error, trace):
+        try:
+            if kind is not None and issubclass(kind, KeyboardInterrupt) and self.lock.held:
+                if self.state is not None and self.state["epoch"] != self.saved_epoch:
+                    self.save()
+                last = self.path("last.pt")
+                self.log(f"interrupted: --resume {last} continues after epoch {self.saved_epoch}"
+                         if os.path.isfile(last) else f"interrupted before the first epoch ended: {self.out}/ "
+                         f"holds no checkpoint")
+        finally:
+            self.lock.release()
 
+    def start(self, model, club, opt, club_opt, gen, resume):
+        """-> the run's Progress: a new one, or the checkpoint's (its weights, optimizers and generators restored)."""
+        self.parts = model, club, opt, club_opt, gen
+        if resume is not None:
+            restore(resume, model, club, opt, club_opt, gen)
+        self.lock.acquire()
+        if resume is None:
+            self.start_fresh()
+            p = Progress(diagnostic_init=self.ds.factors and diagnostic(model, self.ds.factors))
+        else:
+            p = Progress(**resume["progress"])
+            self.saved_epoch, self.saved_at = p.epoch, time.perf_counter()
+            if os.path.exists(self.path("results.json")):
+                os.remove(self.path("results.json"))  # it is no longer a finished run
+            listed = len(read_rows(self.path("metrics.csv")))
+            t = self.cfg.train
+            self.log(f"resuming {self.out}/ after epoch {p.epoch} (--epochs {t.epochs}, --patience {t.patience})"
+                     + (f"; metrics.csv listed {listed} epochs, those after {p.epoch} are run again"
+                        if listed > p.epoch else "")
+                     + (": it has already stopped" if p.diverged or p.bad_epochs > t.patience else ""))
+            write_config(self.path("config.json"), self.cfg, self.ds, model_device(model))
+        self.log(f"{self.ds.summary(short=True)} on {model_device(model)}; writing to {self.out}/")
+        for note in self.ds.notes:
+            self.log(note)
+        return p
 
-def most_popular(ds, device):
-    """The baseline every model must beat: rank items by their train interaction count."""
-    counts = torch.bincount(torch.from_numpy(ds.train[:, 1]), minlength=ds.n_items).double().to(device)
-    return make_evaluator(ds, device)(lambda users: counts.repeat(len(users), 1))
+    def start_fresh(self):
+        """A new run in the folder: refuse to replace another run's files; replace an earlier run of these settings."""
+        held = [name for name in RUN_FILES if os.path.exists(self.path(name))]
+        if held:
+            same = same_run(self.out, self.cfg, self.ds)
+            if same is not True:
+                raise UsageError(f"{self.out}/ holds another run ({same}); give another --out, or delete that "
+                                 f"folder to replace it")
+            self.log(f"replacing the earlier run of these settings and data in {self.out}/")
+            for name in held:
+                os.remove(self.path(name))
+        write_config(self.path("config.json"), self.cfg, self.ds, model_device(self.parts[0]))
 
-
-def scorer(model):
-    """-> score(users [b]) -> [b, I]: the model's score of every item (SAND.score), from embeddings
-    recomputed in eval mode (not left over from the last training batch)."""
-    model.eval()
-    with torch.no_grad():
-        users, items, _ = model(parts=False)
-    return functools.partial(model.score, users, items)
-
-
-def evaluate(model, evaluator):
-    return evaluator(scorer(model))
-
-
-def fit(cfg, ds, device, out, resume=None, log=print):
-    """Train with MMRec's early stopping on valid Recall@20; returns the results dict."""
-    model, club, opt, club_opt = build(cfg, ds, device, cfg.train.seed)
-    gen = torch.Generator(device=device).manual_seed(cfg.train.seed)
-    sampler = BPRSampler(torch.from_numpy(ds.train).to(device), ds.n_items, gen)
-    evaluator = make_evaluator(ds, device)
-    step = TrainStep(model, club, opt, club_opt, device, graphs=not (cfg.train.profile or cfg.train.plain),
-                     plain=cfg.train.plain)
-    if resume is None:
-        state = {"epoch": 0, "best_score": -1.0, "bad_epochs": 0, "best_epoch": None, "best": None,
-                 "history": [], "stopped": False, "diverged": None,
-                 "unique_info_r2_init": ds.factors and unique_info(model, ds.factors)}
-    else:
-        model.load_state_dict(resume["model"])
-        club.load_state_dict(resume["club"])
-        opt.load_state_dict(resume["opt"])
-        club_opt.load_state_dict(resume["club_opt"])
-        gen.set_state(resume["generator"])
-        state = {"diverged": None, **resume["state"]}  # a checkpoint from before "diverged" was kept
-        state["stopped"] = state["diverged"] is not None or state["bad_epochs"] > cfg.train.patience  # --patience may have changed
-        log(f"resuming after epoch {state['epoch']} (--epochs {cfg.train.epochs}, --patience {cfg.train.patience})"
-            + (": it has already stopped early" if state["stopped"] else ""))
-    best_weights, saved_at = None, time.perf_counter() if resume else -math.inf  # a fresh run saves after epoch 1
-
-    def save():  # last.pt: everything needed to resume; best.pt: the best epoch's weights
-        save_checkpoint(os.path.join(out, "last.pt"), {
-            "model": model.state_dict(), "club": club.state_dict(), "opt": opt.state_dict(),
-            "club_opt": club_opt.state_dict(), "generator": gen.get_state(), "state": state,
-            "epoch": state["epoch"], "config": dataclasses.asdict(cfg), "dataset": ds.summary()})
-        if best_weights is not None:
-            save_checkpoint(os.path.join(out, "best.pt"), {"model": best_weights, "epoch": state["best_epoch"],
-                                                           "config": dataclasses.asdict(cfg), "dataset": ds.summary()})
-
-    while not state["stopped"] and state["epoch"] < cfg.train.epochs:
-        epoch = state["epoch"] + 1
-        timer = Timer(device, cfg.train.profile)
-        t0 = time.perf_counter()
-        terms = train_epoch(model, step, sampler, cfg, timer)
-        t1 = time.perf_counter()
-        if not all(math.isfinite(v) for v in terms.values()):
-            log(f"epoch {epoch}: a loss is not finite ({terms}); stopping, "
-                + (f"the best epoch ({state['best_epoch']}) is kept" if state["best_epoch"] else "no epoch finished"))
-            state["diverged"], state["stopped"] = epoch, True  # and a resumed run stays stopped
-            break
-        metrics = evaluate(model, evaluator)
-        timer.lap("evaluate")
-        t2 = time.perf_counter()
-        state["best_score"], state["bad_epochs"], improved, state["stopped"] = early_stopping(
-            metrics["valid"]["recall@20"], state["best_score"], state["bad_epochs"], cfg.train.patience)
+    def end_epoch(self, p, terms, metrics, improved, train_s, eval_s, timer):
+        """After an epoch: metrics.csv, the best epoch's weights, the checkpoint when due, the log line."""
+        model = self.parts[0]
         if improved:
-            state.update(best_epoch=epoch, best=metrics)
-            best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        state["epoch"] = epoch
-        row = {"epoch": epoch, **{k: round(v, 6) for k, v in terms.items()},
-               **{f"{s}_{k}": round(v, 6) for s in metrics for k, v in metrics[s].items()},
-               "train_s": round(t1 - t0, 3), "eval_s": round(t2 - t1, 3)}
-        state["history"].append(row)
-        write_metrics(os.path.join(out, "metrics.csv"), state["history"])
-        if time.perf_counter() - saved_at > CHECKPOINT_SECONDS:
-            save()
-            saved_at = time.perf_counter()
+            self.best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        p.history.append({"epoch": p.epoch, **{k: round(v, 6) for k, v in terms.items()},
+                          **{f"{s}_{k}": round(v, 6) for s in metrics for k, v in metrics[s].items()},
+                          "train_s": round(train_s, 3), "eval_s": round(eval_s, 3)})
+        self.keep(p)
+        write_rows(self.path("metrics.csv"), p.history)
+        if time.perf_counter() - self.saved_at > CHECKPOINT_SECONDS:
+            self.save()
         loss_txt = " ".join(f"{k} {v:.4f}" for k, v in terms.items())
-        log(f"epoch {epoch:4d} | {loss_txt} | valid R@20 {metrics['valid']['recall@20']:.4f} "
-            f"test R@20 {metrics['test']['recall@20']:.4f} | train {t1 - t0:.2f}s eval {t2 - t1:.2f}s"
-            + (" *" if improved else ""))
-        if cfg.train.profile:
-            log("  profile: " + " ".join(f"{k} {v:.3f}s" for k, v in timer.total.items()))
-    save()
-    hist = state["history"]
-    results = {"best_epoch": state["best_epoch"], "valid": state["best"] and state["best"]["valid"],
-               "test": state["best"] and state["best"]["test"], "epochs_run": state["epoch"],
-               "diverged": state["diverged"] is not None,
-               "train_s_per_epoch": float(np.median([r["train_s"] for r in hist])) if hist else None,
-               "eval_s_per_epoch": float(np.median([r["eval_s"] for r in hist])) if hist else None,
-               "peak_memory_gib": peak_memory_gib(device), "dataset": ds.summary()}
-    if state["best_epoch"] is not None:  # leave the model at its best epoch
-        model.load_state_dict(best_weights or load_checkpoint(os.path.join(out, "best.pt"))["model"])
-    if ds.factors is not None and state["best_epoch"] is not None:  # built-in data: what do the parts carry?
-        results["unique_info_r2"] = {"init": state["unique_info_r2_init"], "best": unique_info(model, ds.factors)}
-    return results, model, evaluator
+        self.log(f"epoch {p.epoch:4d} | {loss_txt} | valid R@20 {metrics['valid']['recall@20']:.4f} "
+                 f"test R@20 {metrics['test']['recall@20']:.4f} | train {train_s:.2f}s eval {eval_s:.2f}s"
+                 + (" *" if improved else ""))
+        if self.cfg.train.profile:
+            self.log("  profile: " + " ".join(f"{k} {v:.3f}s" for k, v in timer.total.items())
+                     + f" evaluate {eval_s:.3f}s")
+        timer.total.clear()
+
+    def diverged(self, p, terms):
+        """An epoch whose loss or weights are not finite: the run stops (and stays stopped if resumed)."""
+        self.log(f"epoch {p.diverged}: a loss or a weight is not finite ({terms}); stopping, "
+                 + (f"the best epoch ({p.best_epoch}) is kept" if p.best_epoch else "no epoch finished"))
+        self.keep(p)
+
+    def keep(self, p):
+        """The state to write to last.pt, copied now: every weight, optimizer state and random generator."""
+        model, club, opt, club_opt, gen = self.parts
+        copy_of = lambda state: copy.deepcopy(state)  # tensors cloned, so that training does not move them
+        rng = {"cpu": torch.get_rng_state()}
+        if gen.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(gen.device)
+        self.state = {"model": copy_of(model.state_dict()), "club": copy_of(club.state_dict()),
+                      "opt": copy_of(opt.state_dict()), "club_opt": copy_of(club_opt.state_dict()),
+                      "generator": gen.get_state(), "rng": rng, "progress": dataclasses.asdict(p),
+                      "epoch": p.epoch, **checkpoint_header(self.cfg, self.ds)}
+
+    def save(self):
+        """last.pt from the kept state, and best.pt with the best epoch's weights."""
+        save_checkpoint(self.path("last.pt"), self.state)
+        if self.best_weights is not None:
+            best = self.state["progress"]["best_epoch"]
+            save_checkpoint(self.path("best.pt"), {"model": self.best_weights, "epoch": best,
+                                                   **checkpoint_header(self.cfg, self.ds)})
+        self.saved_epoch, self.saved_at = self.state["epoch"], time.perf_counter()
+
+    def finish(self, p, model, evaluator):
+        """The end of the run: last.pt and best.pt, the model left at its best epoch, results.json."""
+        if self.state is None:  # a resumed run that had already stopped
+            self.keep(p)
+        self.save()
+        hist = p.history
+        results = {"best_epoch": p.best_epoch, "valid": p.best and p.best["valid"], "test": p.best and p.best["test"],
+                   "epochs_run": p.epoch, "diverged": p.diverged is not None,
+                   "train_s_per_epoch": float(np.median([r["train_s"] for r in hist])) if hist else None,
+                   "eval_s_per_epoch": float(np.median([r["eval_s"] for r in hist])) if hist else None,
+                   "peak_memory_gib": peak_memory_gib(model_device(model)), "dataset": self.ds.summary()}
+        if p.best_epoch is not None:  # leave the model at its best epoch
+            model.load_state_dict(self.best_weights or load_checkpoint(self.path("best.pt"))["model"])
+            if self.ds.factors is not None:  # built-in data: what do the parts carry?
+                results["diagnostic"] = {"init": p.diagnostic_init, "best": diagnostic(model, self.ds.factors)}
+        save_json(self.path("results.json"), results)
+        return results
 
 
-def peak_memory_gib(device):
-    """Peak memory of this process so far: allocated on the GPU, or resident on the CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux reports KiB
+def model_device(model):
+    return next(model.parameters()).device
+
+
+def checkpoint_header(cfg, ds):
+    """What every checkpoint says of its run: the configuration and the data (its fingerprint included)."""
+    return {"config": cfg.as_dict(), "given": sorted(cfg.given), "dataset": ds.summary()}
+
+
+def restore(ckpt, model, club, opt, club_opt, gen):
+    """Load a last.pt into the run's model, estimator, optimizers and generators (or a UsageError)."""
+    try:
+        model.load_state_dict(ckpt["model"])
+        club.load_state_dict(ckpt["club"])
+        opt.load_state_dict(ckpt["opt"])
+        club_opt.load_state_dict(ckpt["club_opt"])
+        gen.set_state(ckpt["generator"])
+        torch.set_rng_state(ckpt["rng"]["cpu"])
+        if gen.device.type == "cuda" and "cuda" in ckpt["rng"]:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], gen.device)
+        Progress(**ckpt["progress"])
+    except (RuntimeError, KeyError, TypeError, ValueError) as e:
+        raise UsageError(f"the checkpoint does not fit this run's model ({type(e).__name__}: "
+                         f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+
+
+def write_config(path, cfg, ds, device):
+    save_json(path, {**cfg.as_dict(), "given": sorted(cfg.given), "dataset_stats": ds.summary(),
+                     "environment": environment(device)})
+
+
+def same_run(folder, cfg, ds):
+    """Is the run in `folder` one of these settings (all that change results) on this data? -> True, or
+    what differs."""
+    try:
+        with open(os.path.join(folder, "config.json")) as f:
+            saved = json.load(f)
+        theirs = config_from_dict(saved)
+    except (OSError, ValueError, UsageError):
+        return "its config.json is missing or unreadable"
+    if saved.get("dataset_stats") != ds.summary():
+        return f"made on other data: {saved.get('dataset_stats')}"
+    for name in FIELDS:
+        if name not in NOT_IN_RESULTS and as_json(value(theirs, name)) != as_json(value(cfg, name)):
+            return f"{flag(name)} {value(theirs, name)}, not {value(cfg, name)}"
+    return True
+
+
+def as_json(v):
+    return json.loads(json.dumps(v))  # a tuple is a list there
+
+
+def finished_results(folder, cfg, ds):
+    """results.json of a finished run of these settings on this data in `folder`, else None."""
+    try:
+        with open(os.path.join(folder, "results.json")) as f:
+            results = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return results if same_run(folder, cfg, ds) is True else None
+
+
+class FolderLock:
+    """An exclusive lock on a run folder (its file .lock), held while a run writes there. A folder that
+    acquire() made, and that nothing else was written to, is removed again on release()."""
+
+    def __init__(self, folder):
+        self.folder, self.fd, self.made = folder, None, False
+
+    @property
+    def held(self):
+        return self.fd is not None
+
+    def acquire(self):
+        self.made = not os.path.isdir(self.folder)
+        os.makedirs(self.folder, exist_ok=True)
+        fd = os.open(os.path.join(self.folder, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            lock_file(fd)
+        except OSError:
+            os.close(fd)
+            with open(os.path.join(self.folder, ".lock")) as f:
+                holder = f.read().strip() or "?"
+            raise UsageError(f"{self.folder}/ is in use by another train.py (pid {holder}): wait for it to end, "
+                             f"or give another --out") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+
+    def release(self):
+        if self.fd is None:
+            return
+        os.close(self.fd)  # closing the file releases the lock
+        self.fd = None
+        if self.made and os.listdir(self.folder) == [".lock"]:
+            os.remove(os.path.join(self.folder, ".lock"))
+            os.rmdir(self.folder)
+
+
+if os.name == "nt":  # Windows: msvcrt's lock on the file's first byte
+    import msvcrt
+    lock_file = lambda fd: msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+else:
+    import fcntl
+    lock_file = lambda fd: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+class Interrupts:
+    """SIGINT (Ctrl-C) and SIGTERM stop the program with KeyboardInterrupt, but never in the middle of writing
+    a file: a signal that arrives then takes effect once the file is written. main() installs it."""
+
+    def __init__(self):
+        self.holding, self.pending, self.signal = 0, False, None
+
+    def install(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self.handle)
+
+    def handle(self, signum, frame):
+        self.signal = signum
+        if self.holding:
+            self.pending = True
+        else:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def held(self):
+        self.holding += 1
+        try:
+            yield
+        finally:
+            self.holding -= 1
+            if not self.holding and self.pending:
+                self.pending = False
+                raise KeyboardInterrupt
+
+
+INTERRUPTS = Interrupts()
+
+
+def write_whole(path, content, mode="w"):
+    with INTERRUPTS.held():
+        data.atomic_write(path, content, mode)
+
+
+def save_json(path, obj):
+    write_whole(path, json.dumps(obj, indent=2) + "\n")
+
+
+def save_checkpoint(path, state):
+    write_whole(path, lambda f: torch.save(state, f), mode="wb")
+
+
+def write_rows(path, rows):
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+    writer.writeheader()
+    writer.writerows(rows)
+    write_whole(path, buf.getvalue())
+
+
+def read_rows(path):
+    try:
+        with open(path, newline="") as f:
+            return list(csv.DictReader(f))
+    except OSError:
+        return []
 
 
 def load_checkpoint(path):
+    """A checkpoint that train.py wrote (tensors and plain values only: nothing else is unpickled)."""
     if not os.path.isfile(path):
         raise UsageError(f"checkpoint {path} not found (a run folder holds best.pt and last.pt)")
-    not_ours = f"{path} is not a checkpoint written by train.py (a run folder's best.pt or last.pt)"
+    not_ours = f"{path} is not a checkpoint written by this train.py (a run folder's best.pt or last.pt)"
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # whatever torch.load makes of a file that is not one of ours
-        raise UsageError(f"{not_ours}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        raise UsageError(f"{not_ours}: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
     if not isinstance(ckpt, dict) or not {"model", "epoch", "config", "dataset"} <= ckpt.keys():
         raise UsageError(not_ours)
+    if "fingerprint" not in (ckpt["dataset"] if isinstance(ckpt["dataset"], dict) else {}):
+        raise UsageError(f"{path} was written by an older train.py (its data has no fingerprint); start a new run")
     return ckpt
 
 
-def config_from_checkpoint(ckpt):
-    c = ckpt["config"]  # a setting added since it was written takes its default
-    return make_config(**c["sand"], **c["train"])
+def config_from_dict(c, given=()):
+    """The configuration a checkpoint or config.json records (a setting added since takes its default)."""
+    try:
+        settings = {**c["sand"], **c["train"]}
+        if "grid" in settings:
+            settings["grid"] = tuple(settings["grid"])
+        return make_config(given=given, **settings)
+    except (TypeError, KeyError) as e:
+        raise UsageError(f"a saved configuration that this train.py cannot read ({e})") from None
 
 
 # A saved run keeps its configuration when it is continued (--resume) or evaluated (--eval-only). Only
-# these flags may change it; any other flag must be left out or match the saved run, never ignored.
+# these flags may change it; any other flag given must match the saved run, never be ignored.
 CHANGEABLE = {"resume": ("resume", "epochs", "patience", "device", "data_dir", "topk_out", "profile"),
               "eval_only": ("eval_only", "ckpt", "device", "data_dir", "topk_out")}
 
 
 def saved_config(ckpt, path, cfg, mode):
     """The configuration of the run in checkpoint `ckpt` (read from `path`), with each flag of
-    CHANGEABLE[mode] that the command line's `cfg` sets (to other than its default) taken from it."""
-    saved = config_from_checkpoint(ckpt)
-    for name, value in off_default(cfg).items():
-        part = saved.sand if hasattr(saved.sand, name) else saved.train
-        old = getattr(part, name)
-        if value != old and name not in CHANGEABLE[mode]:
+    CHANGEABLE[mode] that the command line `cfg` gives taken from it; any other flag given must match."""
+    saved = config_from_dict(ckpt["config"])
+    for name in sorted(cfg.given, key=list(FIELDS).index):
+        new, old = value(cfg, name), value(saved, name)
+        if name in CHANGEABLE[mode]:
+            setattr(saved.sand if name in saved.sand.__dataclass_fields__ else saved.train, name, new)
+        elif as_json(new) != as_json(old):
             others = ", ".join(flag(n) for n in CHANGEABLE[mode] if n != mode)
-            raise UsageError(f"{flag(name)} {value} differs from the run in {path} ({old}); {flag(mode)} keeps "
+            raise UsageError(f"{flag(name)} {new} differs from the run in {path} ({old}); {flag(mode)} keeps "
                              f"that run's settings except {others}: leave out {flag(name)}, or start a new run")
-        setattr(part, name, value)
+    saved.given = frozenset(cfg.given)
+    try:
+        check(saved)
+    except UsageError as e:
+        raise UsageError(f"{path}: {e}") from None
     return saved
+
+
+def check_data(ckpt, path, ds):
+    if ckpt["dataset"] != ds.summary():
+        raise data.DataError(f"{path} was trained on other data ({ckpt['dataset']}), not on {ds.summary()}: "
+                             f"give the --data-dir it was trained on, or start a new run")
 
 
 def environment(device):
@@ -610,16 +973,19 @@ def environment(device):
             "command": sys.argv}
 
 
-# Settings that do not change what a run computes
-NOT_IN_RESULTS = ("data_dir", "device", "out", "topk_out", "eval_only", "ckpt", "resume", "ablation", "grid",
-                  "seeds", "profile")
+def peak_memory_gib(device):
+    """Peak memory of this process so far: allocated on the GPU, or resident on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux reports KiB
 
 
 def default_folder(cfg, points=None):
     """runs/<dataset>-<dist>-seed<seed> for a run; for a grid of `points` (--ablation, --grid), whose
     runs are named by point and seed, runs/ablation-<dataset> or runs/grid-<dataset>-<the listed settings>;
     then -setting=value for every other setting that changes the results and is not at its default:
-    runs with different settings do not overwrite each other's files."""
+    runs with different settings do not overwrite each other's files (and a run on other data in the same
+    folder is refused, not replaced)."""
     t = cfg.train
     if points is None:
         name, named = f"{t.dataset}-{cfg.sand.dist}-seed{t.seed}", ("dataset", "dist", "seed")
@@ -627,24 +993,59 @@ def default_folder(cfg, points=None):
         listed = list(dict.fromkeys(k for _, _, changes in points for k in changes))  # in order, once each
         name = f"grid-{t.dataset}-" + "-".join(listed) if t.grid else f"ablation-{t.dataset}"
         named = ("dataset", "seed", *listed)
-    for setting, value in off_default(cfg).items():
+    for setting, v in off_default(cfg).items():
         if setting not in NOT_IN_RESULTS + named:
-            name += f"-{setting}={value}"
+            name += f"-{setting}={v}"
     return os.path.join("runs", name)
 
 
-def load(t):
-    """The dataset of training configuration `t`."""
-    STATUS.show(f"loading {t.dataset} ..." if t.dataset not in data.BUILTIN else f"making the built-in {t.dataset} ...")
-    return data.load_dataset(t.dataset, t.data_dir, t.data_seed)
+# ---------------------------------------------------------------------------------------------
+# Top-k files
 
+TOPK_HEADER = "userID\t" + "\t".join(f"item{r}" for r in range(1, max(KS) + 1))
+
+
+def check_topk_path(path):
+    """--topk-out writes a new file, or replaces one that --topk-out wrote; its folder must be writable."""
+    if os.path.isdir(path):
+        raise UsageError(f"--topk-out {path} is a folder: give a file path")
+    if os.path.exists(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                first = f.readline().rstrip("\n")
+        except (OSError, UnicodeDecodeError):
+            first = None
+        if first != TOPK_HEADER:
+            raise UsageError(f"--topk-out {path} exists and is not a top-k file that --topk-out wrote: give a new path")
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise UsageError(f"--topk-out {path}: {folder} is not a folder this user can write to")
+
+
+def write_topk_file(model, evaluator, path):
+    """The top-20 items of every test user: a header, then a TSV line each, user id then items, best first."""
+    rows = evaluator.splits["test"][1]
+    top = evaluator.topk(scorer(model))[rows]
+    lines = [TOPK_HEADER] + ["\t".join(map(str, [u] + row)) for u, row in zip(evaluator.users[rows].tolist(), top.tolist())]
+    write_whole(path, "\n".join(lines) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# What the command line does
 
 def run(cfg, log=print):
-    """The command line's work, given a resolved configuration."""
+    """The command line's work, given a configuration. Everything that can be checked is checked before
+    any file is written."""
     check(cfg)
     t = cfg.train
     if t.eval_only:
         return eval_only(cfg, log)
+    if t.ablation or t.grid:
+        points = ABLATIONS if t.ablation else grid_points(t.grid)
+        grid_runs(cfg, points)  # a bad point is refused now, before the data is loaded
+        return grid(cfg, load(t), resolve_device(t.device), points, log)
     resume = None
     if t.resume:
         resume = load_checkpoint(t.resume)
@@ -653,48 +1054,53 @@ def run(cfg, log=print):
         cfg = saved_config(resume, t.resume, cfg, "resume")
         cfg.train.out = os.path.dirname(os.path.abspath(t.resume))  # it goes on in its own folder
         t = cfg.train
+    else:
+        check_read(cfg)
     device = resolve_device(t.device)
-    if t.ablation or t.grid:
-        points = ABLATIONS if t.ablation else grid_points(t.grid)
-        grid_runs(cfg, points)  # a bad point is refused now, before the data is loaded
-        return grid(cfg, load(t), device, points, log)
-    ds = load(t)
     out = t.out or default_folder(cfg)
-    results, model, evaluator = train_one(cfg, ds, device, out, resume, log)
+    if t.topk_out and os.path.abspath(t.topk_out) in {os.path.abspath(os.path.join(out, f)) for f in RUN_FILES}:
+        raise UsageError(f"--topk-out {t.topk_out} is one of the run's own files: give another path")
+    ds = load(t)
+    if resume is not None:
+        check_data(resume, t.resume, ds)
+    check_for_data(cfg, ds, device)
+    results, model, evaluator = fit(cfg, ds, device, out, resume, log)
     if results["best_epoch"] is None:
         unwritten = f", {t.topk_out} was not written" if t.topk_out else ""
         log(f"no epoch finished: {out}/results.json holds no metrics{unwritten}")
         return results
     log(f"best epoch {results['best_epoch']}: test " + json.dumps(results["test"]))
-    if "unique_info_r2" in results:
-        log(format_r2(results["unique_info_r2"]))
+    if "diagnostic" in results:
+        log(format_diagnostic(**results["diagnostic"]))
     if t.topk_out:
         write_topk_file(model, evaluator, t.topk_out)
     return results
 
 
-def train_one(cfg, ds, device, out, resume=None, log=print):
-    """One run in folder `out`: config.json, then training, then results.json."""
-    os.makedirs(out, exist_ok=True)
-    # results.json exists only for a finished run, and a fresh run starts without an earlier run's files
-    for name in ("results.json",) if resume else ("results.json", "metrics.csv", "last.pt", "best.pt"):
-        if os.path.exists(os.path.join(out, name)):
-            os.remove(os.path.join(out, name))
-    save_json(os.path.join(out, "config.json"), {**dataclasses.asdict(cfg), "dataset_stats": ds.summary(),
-                                                 "environment": environment(device)})
-    log(f"{ds.summary()} on {device}; writing to {out}/")
-    for note in ds.notes:
-        log(note)
+def eval_only(cfg, log):
+    if not cfg.train.ckpt:
+        raise UsageError("--eval-only needs --ckpt PATH (a run folder's best.pt)")
+    ckpt = load_checkpoint(cfg.train.ckpt)
+    saved = saved_config(ckpt, cfg.train.ckpt, cfg, "eval_only")
+    device = resolve_device(saved.train.device)
+    ds = load(saved.train)
+    check_data(ckpt, cfg.train.ckpt, ds)
+    check_for_data(saved, ds, device)
+    model = build(saved, ds, device, saved.train.seed)[0]
     try:
-        results, model, evaluator = fit(cfg, ds, device, out, resume, log)
-    except KeyboardInterrupt:
-        last = os.path.join(out, "last.pt")
-        log(f"interrupted: --resume {last} continues from its epoch" if os.path.isfile(last) else
-            f"interrupted before the first epoch ended: {out}/ holds no checkpoint")
-        raise
-    save_json(os.path.join(out, "results.json"), results)
-    return results, model, evaluator
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise UsageError(f"{cfg.train.ckpt} does not fit its run's model ({str(e).strip().splitlines()[0]})") from None
+    evaluator = make_evaluator(ds, device)
+    metrics = evaluate(model, evaluator)
+    log(json.dumps({"epoch": ckpt["epoch"], **metrics}, indent=2))
+    if cfg.train.topk_out:
+        write_topk_file(model, evaluator, cfg.train.topk_out)
+    return metrics
 
+
+# ---------------------------------------------------------------------------------------------
+# Grids: --ablation and --grid
 
 ABLATIONS = [  # the ablation grid's points: (run folder prefix, what it is, settings)
     ("mi-cross", "SAND, --dist mi (CLUB fitted cross-modal, as released)", {"dist": "mi", "align": "solo", "club_fit": "cross"}),
@@ -703,23 +1109,24 @@ ABLATIONS = [  # the ablation grid's points: (run folder prefix, what it is, set
     ("align-only", "alignment only: --dist none", {"dist": "none", "align": "solo"}),
     ("dist-only", "distancing only: --align none --dist mi", {"dist": "mi", "align": "none"}),
     ("neither", "neither: --dist none --align none (with --backbone vbpr: VBPR itself)", {"dist": "none", "align": "none"}),
+    ("complete", "complete alignment: --align complete --dist none (no split)", {"dist": "none", "align": "complete"}),
 ]
 METRICS = [f"{m}@{k}" for k in KS for m in ("recall", "ndcg")]
 # what --grid may list: every setting that changes results, except the data and the seed (--seeds)
-GRID_SETTINGS = {f.name: f for part in (SANDConfig, TrainConfig) for f in dataclasses.fields(part)
-                 if f.name not in NOT_IN_RESULTS + ("dataset", "data_seed", "seed")}
+GRID_SETTINGS = {name: f for name, f in FIELDS.items() if name not in NOT_IN_RESULTS + ("dataset", "data_seed", "seed")}
+GRID_ONLY = ("ablation", "grid", "seeds", "out", "seed")  # settings of the grid, not of its runs
 
 
 def parse_setting(f, text):
     """A value for field `f` from its text, as its flag would read it; a UsageError if it is not one."""
     try:
-        value = {"true": True, "false": False}[text.lower()] if f.type is bool else f.type(text)
+        v = {"true": True, "false": False}[text.lower()] if f.type is bool else f.type(text)
     except (ValueError, KeyError):
         raise UsageError(f"--grid {f.name}={text}: {text!r} is not a{'n' if f.type is int else ''} "
                          f"{f.type.__name__}") from None
-    if value not in f.metadata.get("choices", (value,)):
+    if v not in f.metadata.get("choices", (v,)):
         raise UsageError(f"--grid {f.name}={text}: choose from {', '.join(f.metadata['choices'])}")
-    return value
+    return v
 
 
 def grid_points(specs):
@@ -733,71 +1140,131 @@ def grid_points(specs):
                              f"results: {', '.join(GRID_SETTINGS)}")
         if name in axes:
             raise UsageError(f"--grid lists {name} twice: give all its values once, {name}=V1,V2,...")
-        axes[name] = [parse_setting(GRID_SETTINGS[name], v) for v in values.split(",")]
-    points = []
-    for combo in itertools.product(*axes.values()):
-        changes = dict(zip(axes, combo))
-        points.append(("-".join(f"{k}={v}" for k, v in changes.items()),
-                       " ".join(f"{flag(k)} {v}" for k, v in changes.items()), changes))
-    return points
+        parsed = [parse_setting(GRID_SETTINGS[name], v) for v in values.split(",")]
+        twice = next((v for k, v in enumerate(parsed) if v in parsed[:k]), None)
+        if twice is not None:
+            raise UsageError(f"--grid {spec}: {name} {twice} is listed twice; one point is one point")
+        axes[name] = parsed
+    return [grid_point(dict(zip(axes, combo))) for combo in itertools.product(*axes.values())]
 
 
-def with_settings(cfg, changes, **train):
-    """The run configuration with `changes` (model or training settings) and `train` applied; a changed
-    backbone brings its own defaults for the settings left at theirs."""
-    return make_config(**{**off_default(cfg), **changes, **train})
+def grid_point(changes):
+    return ("-".join(f"{k}={v}" for k, v in changes.items()), " ".join(f"{flag(k)} {v}" for k, v in changes.items()),
+            changes)
+
+
+@dataclass
+class GridRun:
+    key: str  # the point's name: its run folder's prefix
+    label: str  # the point as flags
+    changes: dict  # the point's settings
+    seed: int
+    folder: str
+    cfg: RunConfig
 
 
 def grid_runs(cfg, points):
-    """-> the grid's folder (--out) and its runs [(point, seed, folder, configuration)]: every point for
-    --seeds seeds (--seed, --seed + 1, ...), each configuration checked."""
+    """-> the grid's folder, its runs [GridRun] (every point for --seeds seeds: --seed, --seed + 1, ...,
+    each checked) and notes for the log. A setting that a point's variant does not read is dropped from that
+    point (sand.unread), and points that are then the same run are run once (the first listed); a setting
+    that no point reads is refused, and so is a flag that a point sets itself."""
     out = cfg.train.out or default_folder(cfg, points)
-    runs = []
-    for key, _, changes in points:
+    base = {name: value(cfg, name) for name in cfg.given if name not in GRID_ONLY}
+    kind = "--ablation" if cfg.train.ablation else "--grid"
+    for name in base:
+        if any(name in changes for _, _, changes in points):
+            raise UsageError(f"{flag(name)} is set by the {kind} points: leave it out")
+    runs, seen, read, why, notes = [], {}, set(), {}, []
+    for key, label, changes in points:
+        settings = {**base, **changes}
+        unread = sand.unread(make_config(**settings).sand)
+        read |= settings.keys() - unread.keys()
+        why |= unread
+        kept = {k: v for k, v in changes.items() if k not in unread}
+        if not cfg.train.ablation:  # a grid point is named by the settings it keeps
+            key, label, _ = grid_point(kept)
+        if key in seen:
+            dropped = "; ".join(f"{flag(k)} is {unread[k]}" for k in changes if k in unread)
+            notes.append(f"{kind}: {' '.join(f'{flag(k)} {v}' for k, v in changes.items())} is the same run as "
+                         f"{seen[key]} ({dropped}): run once")
+            continue
+        seen[key] = label
         for seed in range(cfg.train.seed, cfg.train.seed + cfg.train.seeds):
             folder = os.path.join(out, f"{key}-seed{seed}")
-            one = with_settings(cfg, changes, seed=seed, out=folder, ablation=False, grid=(), seeds=TrainConfig.seeds)
+            one = make_config(**{k: v for k, v in settings.items() if k not in unread}, seed=seed, out=folder)
             try:
                 check(one)
+                check_read(one)
             except UsageError as e:
-                raise UsageError(f"grid point {key}: {e}") from None
-            runs.append((key, seed, folder, one))
-    return out, runs
+                raise UsageError(f"{kind} point {key}: {e}") from None
+            runs.append(GridRun(key, label, kept, seed, folder, one))
+    for name in [*base, *(k for _, _, changes in points for k in changes)]:
+        if name not in read:
+            raise UsageError(f"{kind}: {flag(name)} is {why[name]}, and no point has that: leave it out")
+    return out, runs, notes
 
 
 def grid(cfg, ds, device, points, log):
-    """Runs every point of the grid (grid_runs), each run in its own folder, then writes <kind>.csv (a
-    row per run), <kind>.md (per point, mean and sample std over its seeds) and <kind>.json (the chosen
-    point), kind = ablation or grid. The chosen point has the best mean valid Recall@20 among the points
-    none of whose runs diverged (a loss that was not finite); a tie goes to the point listed first. Its
-    test metrics are what the grid reports: nothing is chosen by test. A run whose folder holds
-    results.json for the same configuration is read back, not run again, so an interrupted grid goes on
-    where it stopped."""
+    """Runs every run of the grid (grid_runs), each in its own folder, then writes <kind>.csv (a row per
+    run), <kind>.md (per point, mean and sample std over its seeds) and <kind>.json (the chosen point),
+    kind = ablation or grid. The chosen point has the best mean valid Recall@20 among the points none of
+    whose runs diverged (a loss that was not finite); a tie goes to the point listed first. Its test
+    metrics are what the grid reports: nothing is chosen by test. Before anything runs, every run is
+    checked against the data, and every run folder that holds a run must hold one of its settings on this
+    data; a finished one is read back, an interrupted one resumed from its last.pt, so that a grid run
+    again goes on where it stopped."""
     kind = "grid" if cfg.train.grid else "ablation"
-    out, runs = grid_runs(cfg, points)
-    rows = []
-    for key, seed, folder, one in runs:
-        results = read_finished(folder, one) or train_one(one, ds, device, folder, log=lambda *_: None)[0]
-        scores = {f"{s}_{m}": results[s] and results[s][m] for s in ("valid", "test") for m in METRICS}
-        log(f"{key} seed {seed}: best epoch {results['best_epoch']}" + (", diverged" if results["diverged"] else "")
-            + ", test " + " ".join(f"{m} {results['test'][m]:.4f}" if results["test"] else f"{m} -" for m in METRICS))
-        rows.append({"point": key, "seed": seed, "best_epoch": results["best_epoch"],
-                     "diverged": results["diverged"], **scores})
-    write_metrics(os.path.join(out, f"{kind}.csv"), rows)
+    out, runs, notes = grid_runs(cfg, points)
+    for note in notes:
+        log(note)
+    todo = []
+    for r in runs:
+        try:
+            check_for_data(r.cfg, ds, device)
+        except UsageError as e:
+            raise UsageError(f"--{kind} point {r.key}: {e}") from None
+        held = any(os.path.exists(os.path.join(r.folder, name)) for name in RUN_FILES)
+        same = same_run(r.folder, r.cfg, ds) if held else True
+        if same is not True:
+            raise UsageError(f"{r.folder}/ holds another run ({same}); delete it, or give the grid another --out")
+        todo.append(finished_results(r.folder, r.cfg, ds) if held else None)
+    lock = FolderLock(out)
+    lock.acquire()
+    try:
+        rows = []
+        for r, results in zip(runs, todo):
+            if results is None:  # not yet run, or interrupted: then it goes on from its last.pt
+                last = os.path.join(r.folder, "last.pt")
+                resume = load_checkpoint(last) if os.path.isfile(last) else None
+                results = fit(r.cfg, ds, device, r.folder, resume, log=lambda *_: None)[0]
+            scores = {f"{s}_{m}": results[s] and results[s][m] for s in ("valid", "test") for m in METRICS}
+            log(f"{r.key} seed {r.seed}: best epoch {results['best_epoch']}" + (", diverged" if results["diverged"] else "")
+                + ", test " + " ".join(f"{m} {results['test'][m]:.4f}" if results["test"] else f"{m} -" for m in METRICS))
+            rows.append({"point": r.key, "seed": r.seed, "best_epoch": results["best_epoch"],
+                         "diverged": results["diverged"], **scores})
+        write_grid_tables(ds, device, kind, out, runs, rows, log)
+    finally:
+        lock.release()
+    return rows
+
+
+def write_grid_tables(ds, device, kind, out, runs, rows, log):
+    write_rows(os.path.join(out, f"{kind}.csv"), rows)
     columns = [f"{s}_{m}" for s in ("valid", "test") for m in METRICS]
     summary = []
-    for key, label, changes in points:
-        mine = [r for r in rows if r["point"] == key]
-        done = [r for r in mine if r["best_epoch"] is not None]
+    for point in {r.key: r for r in runs}.values():  # the first run of each point, in order
+        mine = [row for row in rows if row["point"] == point.key]
+        done = [row for row in mine if row["best_epoch"] is not None]
         summary.append({
-            "point": key, "label": label, "settings": changes, "diverged": sum(r["diverged"] for r in mine),
-            "mean": {c: float(np.mean([r[c] for r in done])) for c in columns} if done else None,
-            "std": {c: float(np.std([r[c] for r in done], ddof=1)) if len(done) > 1 else 0.0 for c in columns},
-            "best_epoch": np.mean([r["best_epoch"] or 0 for r in mine]),
-            "runs": [folder for k, _, folder, _ in runs if k == key]})
+            "point": point.key, "label": point.label, "settings": point.changes,
+            "diverged": sum(row["diverged"] for row in mine),
+            "mean": {c: float(np.mean([row[c] for row in done])) for c in columns} if done else None,
+            "std": {c: float(np.std([row[c] for row in done], ddof=1)) if len(done) > 1 else 0.0 for c in columns},
+            "best_epoch": np.mean([row["best_epoch"] or 0 for row in mine]),
+            "runs": [r.folder for r in runs if r.key == point.key]})
     eligible = [p for p in summary if not p["diverged"] and p["mean"]]
     chosen = max(eligible, key=lambda p: p["mean"]["valid_recall@20"], default=None)  # max keeps the first of ties
-    seeds = sorted({seed for _, seed, _, _ in runs})
+    seeds = sorted({r.seed for r in runs})
     lines = [f"Valid and test metrics at the best valid epoch on `{ds.name}`, mean ± sample std over "
              f"{len(seeds)} seeds ({seeds[0]}..{seeds[-1]}).", "",
              "| point | " + " | ".join(c.replace("_", " ") for c in columns) + " | best epoch |",
@@ -812,57 +1279,101 @@ def grid(cfg, ds, device, points, log):
     lines += ["", f"Chosen by the best mean valid Recall@20: {chosen['label']}; its test metrics are the grid's "
               "result." if chosen else "No point finished without diverging: none is chosen."]
     table = "\n".join(lines) + "\n"
-    data.atomic_write(os.path.join(out, f"{kind}.md"), table)
+    write_whole(os.path.join(out, f"{kind}.md"), table)
     save_json(os.path.join(out, f"{kind}.json"), {
         "rule": "best mean valid recall@20 over the points with no diverged run; a tie goes to the point listed first",
         "chosen": chosen and {"point": chosen["point"], "settings": chosen["settings"], "runs": chosen["runs"],
                               **{s: {m: chosen["mean"][f"{s}_{m}"] for m in METRICS} for s in ("valid", "test")}}})
     log(table)
-    return rows
 
 
-def read_finished(folder, cfg):
-    """results.json of a finished run with this configuration, else None."""
-    try:
-        with open(os.path.join(folder, "config.json")) as f:
-            saved = json.load(f)
-        with open(os.path.join(folder, "results.json")) as f:
-            results = json.load(f)
-    except (OSError, ValueError):
-        return None
-    as_json = lambda c: json.loads(json.dumps(dataclasses.asdict(c)))  # a tuple is a list there
-    try:  # a setting added since the run was made takes its default
-        same = as_json(make_config(**saved["sand"], **saved["train"])) == as_json(cfg)
-    except TypeError:  # a setting that no longer exists
-        return None
-    return results if same else None
+# ---------------------------------------------------------------------------------------------
+# Progress, timing, CUDA graphs
+
+class Status:
+    """The command line's progress line: on a terminal, one line rewritten in place and cleared before
+    each logged line; elsewhere (a log file, a pipe) nothing, so the output is one line per epoch.
+    main() turns it on when stdout is a terminal."""
+
+    def __init__(self):
+        self.on, self.width, self.shown_at, self.epoch_start = False, 0, -math.inf, None
+
+    def show(self, text, every=0.0):
+        """Put `text` on the progress line (at most once per `every` seconds)."""
+        if self.on and time.perf_counter() - self.shown_at >= every:
+            sys.stdout.write("\r" + text.ljust(self.width))
+            sys.stdout.flush()
+            self.width, self.shown_at = len(text), time.perf_counter()
+
+    def batch(self, done, total):
+        """Training's progress: batches, seconds, time left in the epoch."""
+        if done == 1 or self.epoch_start is None:
+            self.epoch_start = time.perf_counter()
+        spent = time.perf_counter() - self.epoch_start
+        self.show(f"training: batch {done}/{total}, {spent:.1f} s, about {spent / done * (total - done):.0f} s "
+                  f"left in this epoch", every=0.2)
+        if done == total:
+            self.epoch_start = None
+
+    def log(self, *args):
+        """print(), after clearing the progress line."""
+        if self.width:
+            sys.stdout.write("\r" + " " * self.width + "\r")
+            self.width = 0
+        print(*args, flush=True)
 
 
-def write_topk_file(model, evaluator, path):
-    """The top-20 items of every test user: a TSV line each, user id then items, best first."""
-    rows = evaluator.splits["test"][1]
-    top = evaluator.topk(scorer(model))[rows]
-    lines = ["\t".join(map(str, [u] + row)) for u, row in zip(evaluator.users[rows].tolist(), top.tolist())]
-    data.atomic_write(path, "\n".join(lines) + "\n")
+STATUS = Status()
 
 
-def eval_only(cfg, log):
-    if not cfg.train.ckpt:
-        raise UsageError("--eval-only needs --ckpt PATH (a run folder's best.pt)")
-    ckpt = load_checkpoint(cfg.train.ckpt)
-    saved = saved_config(ckpt, cfg.train.ckpt, cfg, "eval_only")
-    device = resolve_device(saved.train.device)
-    ds = load(saved.train)
-    if ds.summary() != ckpt["dataset"]:
-        raise data.DataError(f"checkpoint was trained on {ckpt['dataset']}, but the data is {ds.summary()}")
-    model = build(saved, ds, device, saved.train.seed)[0]
-    model.load_state_dict(ckpt["model"])
-    evaluator = make_evaluator(ds, device)
-    metrics = evaluate(model, evaluator)
-    log(json.dumps({"epoch": ckpt["epoch"], **metrics}, indent=2))
-    if cfg.train.topk_out:
-        write_topk_file(model, evaluator, cfg.train.topk_out)
-    return metrics
+class Timer:
+    """Seconds per phase of an epoch, in `total`; with `sync`, waits for the device at each lap (profiling)."""
+
+    def __init__(self, device, sync):
+        self.device, self.sync = device, sync and device.type == "cuda"
+        self.total, self.last = {}, time.perf_counter()
+
+    def lap(self, name):
+        if self.sync:
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.total[name] = self.total.get(name, 0.0) + now - self.last
+        self.last = now
+
+
+class CUDAGraphed:
+    """A training step, `step(batch) -> loss terms` for a batch of tensors, run as CUDA graphs. The second
+    batch of each size records the whole step once (forward, backward, the estimator's steps, both optimizer
+    steps: thousands of kernels at Baby's size, most of them the estimator's), and every later batch of that
+    size copies its tensors into the graph's input buffers and replays it: the same kernels on the same
+    memory, so the same numbers, without launching them one by one from Python. The first batch of each size
+    runs directly, which also makes the optimizers' state that the graph then updates."""
+
+    def __init__(self, step, optimizers):
+        self.step, self.optimizers = step, optimizers
+        self.seen, self.graphs = set(), {}  # batch sizes run so far; size: (graph, its input buffers, its terms)
+
+    def __call__(self, batch):
+        size = len(batch[0])
+        if size not in self.seen:
+            self.seen.add(size)
+            return self.step(batch)
+        if size not in self.graphs:  # record (capture runs nothing), then replay below
+            inputs = [None if t is None else t.clone() for t in batch]  # the graph's inputs, at fixed addresses
+            graph, groups = torch.cuda.CUDAGraph(), [g for o in self.optimizers for g in o.param_groups]
+            for g in groups:  # capture asks for it; fused Adam computes the same either way
+                g["capturable"] = True
+            with torch.cuda.graph(graph):
+                terms = self.step(inputs)
+            for g in groups:
+                g["capturable"] = False
+            self.graphs[size] = graph, inputs, terms
+        graph, inputs, terms = self.graphs[size]
+        for buffer, t in zip(inputs, batch):
+            if t is not None:
+                buffer.copy_(t)
+        graph.replay()
+        return {k: v.clone() for k, v in terms.items()}  # the next replay overwrites them
 
 
 # ---------------------------------------------------------------------------------------------
@@ -874,52 +1385,20 @@ def parser():
     for group, cls in (("training", TrainConfig), ("model (defaults: the authors' released code)", SANDConfig)):
         g = p.add_argument_group(group)
         for f in dataclasses.fields(cls):
-            # default None: a flag left out takes its default for the backbone (make_config)
+            # default None: a flag left out takes its default for the variant (make_config)
             if f.type is bool:
                 g.add_argument(flag(f.name), action="store_true", default=None, help=f.metadata["help"])
             elif "nargs" in f.metadata:
                 g.add_argument(flag(f.name), nargs=f.metadata["nargs"], help=f.metadata["help"],
                                metavar=f.metadata["metavar"])
             else:
-                others = "".join(f"; {b}: {d[f.name]}" for b, d in BACKBONE_DEFAULTS.items() if f.name in d)
+                others = "".join(f"; --backbone {b}: {d[f.name]}" for b, d in BACKBONE_DEFAULTS.items() if f.name in d)
+                if f.name in PLAIN_VBPR_DEFAULTS:
+                    others += f"; plain VBPR (--backbone vbpr --dist none --align none): {PLAIN_VBPR_DEFAULTS[f.name]}"
                 shown = f" (default: {f.default}{others})" if f.default != "" else ""
                 g.add_argument(flag(f.name), type=f.type, help=f.metadata["help"] + shown,
                                choices=f.metadata.get("choices"))
     return p
-
-
-ONLY_WITH = {"ckpt": ("eval_only",), "seeds": ("ablation", "grid")}  # flags that mean something only with another
-
-
-def check(cfg):
-    """Every number of the configuration finite and within its option's range, no flag that would be
-    ignored, no output path of the wrong kind (found out now, not after training), else a UsageError."""
-    t, given = cfg.train, off_default(cfg)
-    for name, needed in ONLY_WITH.items():
-        if name in given and not any(getattr(t, n) for n in needed):
-            raise UsageError(f"{flag(name)} is read only with {' or '.join(map(flag, needed))}")
-    many = [n for n in ("ablation", "grid", "resume", "eval_only") if getattr(t, n)]
-    if len(many) > 1:
-        raise UsageError(f"{flag(many[0])} and {flag(many[1])} do not go together: run them one at a time")
-    for name in ("topk_out", "profile"):
-        if many and many[0] in ("ablation", "grid") and getattr(t, name):
-            raise UsageError(f"{flag(name)} does nothing in {flag(many[0])}: run one point alone with it")
-    for name, folder in (("out", True), ("topk_out", False)):
-        path = getattr(t, name)
-        if path and os.path.exists(path) and os.path.isdir(path) != folder:
-            raise UsageError(f"{flag(name)} {path} is a {'file' if folder else 'folder'}: give a "
-                             f"{'folder' if folder else 'file'} path")
-    for part in (cfg.sand, cfg.train):
-        for f in dataclasses.fields(part):
-            v, m, name = getattr(part, f.name), f.metadata, flag(f.name)
-            if f.type is float and not math.isfinite(v):
-                raise UsageError(f"{name} must be a finite number (got {v})")
-            if "min" in m and not v >= m["min"]:
-                raise UsageError(f"{name} must be at least {m['min']} (got {v})")
-            if "above" in m and not v > m["above"]:
-                raise UsageError(f"{name} must be above {m['above']} (got {v})")
-            if "max" in m and not v <= m["max"]:
-                raise UsageError(f"{name} must be at most {m['max']} (got {v})")
 
 
 def config_from_args(args):
@@ -933,6 +1412,7 @@ def main(argv=None):
     args = parser().parse_args(argv)
     try:
         STATUS.on = sys.stdout.isatty()
+        INTERRUPTS.install()
         run(config_from_args(args), log=STATUS.log)
     except (data.DataError, UsageError, OSError) as e:  # OSError: a file or folder that cannot be written
         print(f"train.py: error: {e}", file=sys.stderr)
@@ -940,7 +1420,7 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("train.py: interrupted; every file written so far is complete (a run continues with --resume "
               "RUN/last.pt, a --grid or --ablation by running it again)", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(143 if INTERRUPTS.signal == signal.SIGTERM else 130)
 
 
 if __name__ == "__main__":
