@@ -8,14 +8,17 @@ away from its generic half (a CLUB bound of their mutual information, or a negat
 Equation numbers are those of the paper's v1, as the released code cites them.
 
 The method, in plain torch (autograd, the formulas as the paper and the released code state them):
-  1. SANDConfig: every hyper-parameter and its default (the authors' released code).
+  1. SANDConfig: every hyper-parameter and its default (the authors' released code), and which
+     settings each variant reads (unread).
   2. The graphs: the user-item LightGCN adjacency and propagation, the frozen item-item kNN graph.
   3. The losses, each standalone: bpr_loss, emb_loss, solo_sim_loss, CLUB (+ fit_club), neg_l2; and
-     sand_loss, SAND's total objective on any backbone.
+     sand_loss, SAND's total objective on any backbone:
+         L = BPR + alpha * SoloSim + (ureg * CLUB  or  w_l2 * negL2)
   4. The models: SAND (the released backbone) and VBPRSAND (the paper's VBPR+SAND, and VBPR).
-Then its exact fast paths, each with the inputs and outputs of the plain piece it replaces:
-  lightgcn_fast, solo_sim_loss_fast, fit_club_fast, FastSAND (SAND with the composed feature transform
-  and the fast pieces) and FastVBPRSAND. train.py runs the fast tier, `--plain` the plain one.
+Then its fast paths, each with the inputs and outputs of the plain piece it replaces and the same
+mathematics, though not the same float rounding: lightgcn_fast, solo_sim_loss_fast, fit_club_fast,
+FastSAND (SAND with the composed feature transform and the fast pieces) and FastVBPRSAND. train.py runs
+the fast tier, `--plain` the plain one.
 """
 import math
 import warnings
@@ -165,8 +168,9 @@ def item_graph(image, text, k, image_weight):
 # Losses: each one standalone, to lift into another model
 
 def bpr_loss(pos, neg, base=2):
-    """BPR, -mean log sigmoid(s(u, i+) - s(u, i-)), [B], [B] -> scalar; log base 2 as the released SAND,
-    base e as MMRec's BPRLoss (its VBPR)."""
+    """BPR, -mean log sigmoid(s(u, i+) - s(u, i-)), [B], [B] -> scalar; log base 2 (the default) as the released
+    SAND, base e as MMRec's BPRLoss (its VBPR). The authors' VBPR+SAND writes -log(1e-10 + sigmoid(x)): the
+    same in float32 above a margin x of about -6, larger below (badly ranked pairs)."""
     return -F.logsigmoid(pos - neg).mean() / math.log(base)
 
 
@@ -229,8 +233,9 @@ class CLUB(nn.Module):
 
     def forward(self, x, y, perm):
         """x, y [..., N, D], perm [..., N] -> the bound of each set of N pairs [...]. A leading dimension
-        holds independent sets (SAND: one per modality). perm holds positions 0..N-1 within each set (a
-        random permutation: torch.randperm(N)), not item ids."""
+        holds independent sets (SAND: one per modality): one bound per set, so take .mean() (or a weighted
+        sum) for a loss. perm holds positions 0..N-1 within each set (a random permutation: torch.randperm(N)),
+        not item ids."""
         check_pairs("CLUB", x, y)
         if perm.shape != x.shape[:-1] or perm.dtype != torch.long:
             raise ValueError(f"CLUB: perm must be int64 of shape {list(x.shape[:-1])}, one position per pair "
@@ -263,13 +268,15 @@ def check_estimator_optimizer(club, optimizer):
 def fit_club(club, optimizer, x, y, steps):
     """Fit the estimator q by maximum likelihood: `steps` steps of `optimizer` on club.nll(x, y), the
     pairs detached (nothing reaches the model). SAND, as released, runs 50 steps per batch, after the
-    model's backward and before the model's optimizer step. Returns the last step's nll (taken before
-    its update; with no steps, the nll as it stands). Every estimator gradient is None afterwards, so that
+    model's backward and before the model's optimizer step (never between the bound's forward and its
+    backward: the steps change the weights that backward reads). Returns the last step's loss, taken before
+    its update (with no steps, as it stands): club.nll, the sum over the sets of each set's mean negative
+    log-likelihood, without the Gaussian's constant. Every estimator gradient is None afterwards, so that
     no other optimizer holding them (a model's, with the CLUB as its submodule) moves it."""
     check_estimator_optimizer(club, optimizer)
     check_pairs("fit_club", x, y)
-    x, y = (t.detach().clone() if t.is_inference() else t.detach() for t in (x, y))  # from inference_mode: usable
-    with torch.inference_mode(False), torch.enable_grad():
+    with torch.inference_mode(False), torch.enable_grad():  # also under inference_mode: fitting needs autograd
+        x, y = (t.detach().clone() if t.is_inference() else t.detach() for t in (x, y))  # a clone is a normal tensor
         for _ in range(steps):
             club.zero_grad(set_to_none=True)
             loss = club.nll(x, y)
@@ -330,8 +337,9 @@ class SAND(nn.Module):
         item_m = Linear(256 -> 64)(LeakyReLU(Linear(d_m -> 256)(X_m)))
         R_m = LightGCN(normalise([P_m; item_m]))        P_m: learnable user preferences [U, 64]
     user = [w_u,image R_image[u] | w_u,text R_text[u]],  item = I0 + S I0 with I0 = [R_image[i] | R_text[i]],
-    score = user . item. Alignment: SoloSim(head_text(g_text), head_image(g_image)). Distancing on
-    a_m = Linear(g_m), b_m = Linear(u_m): CLUB(a_m, b_m) or -MSE(a_m, b_m)."""
+    score = user . item. Alignment: SoloSim(z_text, z_image) with z_m = normalise(head_m(g_m)) (--align complete:
+    head_m(X_m), no split, the complete alignment the paper argues against). Distancing on a_m = Linear(g_m),
+    b_m = Linear(u_m): CLUB(a_m, b_m) or -MSE(a_m, b_m)."""
     lightgcn = staticmethod(lightgcn)  # the pieces that FastSAND replaces with their fast paths
     solo_sim_loss = staticmethod(solo_sim_loss)
 
@@ -422,8 +430,9 @@ class VBPRSAND(nn.Module):
     """SAND on a VBPR backbone, the paper's generalisation experiment, as the authors' XVBPR
     (bruno686/MM_OOD, src/models/xvbpr.py). Per modality m with item features f_m [I, d_m], d = embed_dim:
         X_m = Linear(d_m -> d)(f_m),  g_m, u_m = X_m[:, :d/2], X_m[:, d/2:]     generic and unique halves
-        z_m = normalise(head_m(g_m))                                            head as SAND's, [I, 32]
-    item = [E_i | z_text | z_image],  user = P_u,  score = user . item, dropout on both in training.
+        z_m = normalise(head_m(g_m))   (--align complete: head_m(X_m))          head as SAND's, [I, 32]
+    item = [E_i | z_text | z_image],  user = P_u,  score = user . item, dropout on both in training
+    (--eval-dropout: at evaluation too, as the authors' code does).
     The generic halves reach the score through z_m; the unique halves feed only the distancing, which
     acts on the halves themselves (a_m = g_m, b_m = u_m). Loss: BPR (natural log, MMRec's BPRLoss) +
     reg_weight * emb_loss(batch rows) + sand_loss's terms. With --dist none --align none it is MMRec's
@@ -491,9 +500,11 @@ class VBPRSAND(nn.Module):
 
 
 # =============================================================================================
-# Exact fast paths. Each one replaces one plain piece above, with the same inputs and outputs, and is
-# tested equal to it (test_sand.py); where it is not exact (another estimator, a learnable temperature)
-# it runs the plain piece. Savings measured side by side at Baby's shapes (synthetic-baby) on 2 CPU cores,
+# Fast paths. Each one replaces one plain piece above, with the same inputs and outputs and the same
+# mathematics, and is tested equal to it up to float rounding (test_sand.py): the same formulas in another
+# order of operations, so not bitwise the same (the estimator's 3,000 Adam steps per epoch amplify the
+# difference, which is why its nll drifts between the tiers). Where a fast path does not apply (another
+# estimator, a learnable temperature) it runs the plain piece. Savings measured side by side at Baby's shapes (synthetic-baby) on 2 CPU cores,
 # torch 2.13: forward + backward of one batch of 2048, best of several rounds; an epoch is 60 batches,
 # 67 to 85 s with every fast path in the same session (the README's speed table).
 

@@ -2,11 +2,13 @@
 import copy
 import csv
 import functools
+import io
 import json
 import math
 import os
 import pty
 import re
+import signal
 import subprocess
 import sys
 
@@ -1023,11 +1025,13 @@ def test_resume_continues_exactly(tmp_path):
 
 
 def tiny_run(tmp_path, **kw):
-    """Settings of a quick run on the tiny dataset, written as an MMRec folder tmp_path/data/tiny/."""
-    ds = tiny()
-    ds.name = "tiny"
-    data.write_mmrec(ds, str(tmp_path / "data"))
-    return {"dataset": "tiny", "data_dir": str(tmp_path / "data"), "batch_size": 512, "club_steps": 2, **kw}
+    """Settings of a quick run on the tiny dataset, written as an MMRec folder tmp_path/data/tiny/ (2 estimator
+    steps per batch where the variant has an estimator)."""
+    data.write_mmrec(tiny_named(), str(tmp_path / "data"))
+    settings = {"dataset": "tiny", "data_dir": str(tmp_path / "data"), "batch_size": 512, **kw}
+    if "club_steps" not in sand.unread(run_cfg(**settings).sand):
+        settings.setdefault("club_steps", 2)
+    return settings
 
 
 TIMING = ("train_s_per_epoch", "eval_s_per_epoch", "peak_memory_gib")
@@ -1376,6 +1380,14 @@ def test_ablation_grid_writes_its_tables_and_resumes(tmp_path, monkeypatch):
     assert results["diagnostic"]["best"]["shares"]["image u"].keys() == {"generic", "image", "text"}
     complete = json.loads((tmp_path / "complete-seed999" / "config.json").read_text())["sand"]
     assert (complete["align"], complete["dist"]) == ("complete", "none")
+    # the diagnostic's table: each cell the mean over the point's seeds, at initialisation -> at the best epoch
+    diag = [json.loads((tmp_path / f"l2-seed{s}" / "results.json").read_text())["diagnostic"] for s in (999, 1000)]
+    row = next(line for line in table.splitlines() if line.startswith("| SAND, --dist l2 | image b |"))
+    want = [np.mean([d[when]["shares"]["image b"]["image"] for d in diag]) for when in ("init", "best")]
+    assert row.split(" | ")[3] == f"{want[0]:.2f} -> {want[1]:.2f}"
+    cka_row = [line for line in table.splitlines() if line.startswith("| complete alignment")][-1]  # the last table's
+    cells = cka_row.rstrip(" |").split(" | ")
+    assert cells[1:].count("-") == 2 and sum("->" in c for c in cells) == 4  # no distancing pairs: CKA of its halves
     config = json.loads((tmp_path / "neither-seed1000" / "config.json").read_text())
     assert (config["sand"]["dist"], config["sand"]["align"], config["train"]["seed"]) == ("none", "none", 1000)
 
@@ -1469,6 +1481,547 @@ def test_a_bad_grid_is_refused_with_one_line_before_anything_runs(tmp_path, word
                        capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert r.returncode == 2 and expect in r.stderr and r.stderr.count("\n") == 1, r.stderr
     assert not (tmp_path / "g").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Run folders: nothing lost, nothing mixed; bad input in one line
+
+def cli(args, tmp_path, monkeypatch, capsys):
+    """train.py's command line, in this process (faster than a subprocess), from tmp_path -> (exit code, stderr)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(train.INTERRUPTS, "install", lambda: None)  # leave pytest's own signal handlers alone
+    capsys.readouterr()
+    try:
+        train.main([str(a) for a in args])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def one_line_error(args, tmp_path, monkeypatch, capsys, expect):
+    code, err = cli(args, tmp_path, monkeypatch, capsys)
+    assert code == 2 and err.count("\n") == 1 and err.startswith("train.py: error: "), err
+    assert expect in err, err
+    assert "Traceback" not in err
+
+
+def files_of(folder):
+    """{path under folder: content} of every file below it."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("backbone, extra", [("dragon", {}), ("vbpr", {}), ("vbpr", {"eval_dropout": True})])
+def test_a_resumed_run_equals_an_uninterrupted_one_on_both_backbones(tmp_path, monkeypatch, backbone, extra):
+    # VBPR+SAND draws its dropout (0.01) from torch's global generator, which the checkpoint saves with the rest
+    base = tiny_run(tmp_path, backbone=backbone, epochs=4, **extra)
+    whole = train.run(run_cfg(**base, out=str(tmp_path / "whole")), log=lambda *_: None)
+    real, calls = train.train_epoch, []
+
+    def interrupted_in_epoch_3(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args)
+    monkeypatch.setattr(train, "train_epoch", interrupted_in_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        train.run(run_cfg(**base, out=str(tmp_path / "part")), log=lambda *_: None)
+    monkeypatch.setattr(train, "train_epoch", real)
+    resumed = train.run(run_cfg(resume=str(tmp_path / "part" / "last.pt")), log=lambda *_: None)
+    assert {k: v for k, v in resumed.items() if k not in TIMING} == {k: v for k, v in whole.items() if k not in TIMING}
+    drop = lambda rows: [{k: v for k, v in r.items() if not k.endswith("_s")} for r in rows]
+    assert drop(train.read_rows(tmp_path / "part" / "metrics.csv")) == drop(train.read_rows(tmp_path / "whole" / "metrics.csv"))
+
+
+def change_in_place(tmp_path, shape_too=False):
+    """Edit the tiny dataset on disk: one feature value (same shape), or drop a test row (other sizes)."""
+    folder = tmp_path / "data" / "tiny"
+    if shape_too:
+        lines = (folder / "tiny.inter").read_text().splitlines()
+        (folder / "tiny.inter").write_text("\n".join(lines[:-1]) + "\n")
+    else:
+        image = np.load(folder / "image_feat.npy")
+        image[0, 0] += 1.0
+        np.save(folder / "image_feat.npy", image)
+
+
+@pytest.mark.parametrize("shape_too", [False, True])
+def test_resume_and_eval_only_refuse_other_data_and_touch_nothing(tmp_path, shape_too):
+    out = tmp_path / "run"
+    train.run(run_cfg(**tiny_run(tmp_path, epochs=1, out=str(out))), log=lambda *_: None)
+    before = files_of(out)
+    change_in_place(tmp_path, shape_too)
+    for cfg in (run_cfg(resume=str(out / "last.pt"), epochs=2), run_cfg(eval_only=True, ckpt=str(out / "best.pt"))):
+        with pytest.raises(data.DataError, match="was trained on other data"):
+            train.run(cfg, log=lambda *_: None)
+    assert files_of(out) == before
+
+
+def test_a_grid_run_again_on_changed_data_is_refused_before_anything_runs(tmp_path):
+    base = tiny_run(tmp_path, epochs=1, seeds=1, out=str(tmp_path / "grid"), grid=("alpha=0.012,0.1",))
+    train.run(run_cfg(**base), log=lambda *_: None)
+    before = files_of(tmp_path / "grid")
+    change_in_place(tmp_path)
+    with pytest.raises(train.UsageError, match=r"alpha=0.012-seed999/ holds another run \(made on other data"):
+        train.run(run_cfg(**base), log=lambda *_: None)
+    assert files_of(tmp_path / "grid") == before
+
+
+def test_flags_given_on_resume_apply_or_are_refused_even_at_their_default(tmp_path):
+    out = tmp_path / "run"
+    train.run(run_cfg(**tiny_run(tmp_path, dist="l2", epochs=1, out=str(out))), log=lambda *_: None)
+    last = str(out / "last.pt")
+    with pytest.raises(train.UsageError, match=re.escape(f"--dist mi differs from the run in {last} (l2)")):
+        train.run(run_cfg(resume=last, dist="mi"))  # mi is the default: typed, so judged
+    resumed = train.run(run_cfg(resume=last, dist="l2", epochs=2), log=lambda *_: None)  # the same value: fine
+    assert resumed["epochs_run"] == 2
+
+
+def test_a_model_whose_weights_are_no_longer_finite_is_never_the_best_epoch(tmp_path):
+    # lr 1e38: the last steps of epoch 1 make the weights inf or NaN after its loss was already finite
+    out = tmp_path / "run"
+    lines = []
+    results = train.run(run_cfg(**tiny_run(tmp_path, dist="none", lr=1e38, epochs=3, out=str(out))), log=lines.append)
+    assert results["best_epoch"] is None and results["diverged"] and results["test"] is None
+    assert not (out / "best.pt").exists() and any("a loss or a weight is not finite" in line for line in lines)
+
+
+def test_a_run_that_fails_its_checks_leaves_the_folder_as_it_was(tmp_path):
+    out = tmp_path / "run"
+    base = tiny_run(tmp_path, epochs=1, out=str(out))
+    train.run(run_cfg(**base), log=lambda *_: None)
+    before = files_of(out)
+    for bad in ({"knn_k": 10 ** 6}, {"topk_out": str(out / "results.json")}, {"topk_out": str(out / "best.pt")}):
+        with pytest.raises(train.UsageError):
+            train.run(run_cfg(**{**base, **bad}), log=lambda *_: None)
+        assert files_of(out) == before
+    with pytest.raises(train.UsageError, match="exists and is not a top-k file"):
+        train.run(run_cfg(eval_only=True, ckpt=str(out / "best.pt"), topk_out=str(out / "best.pt")))
+    assert files_of(out) == before
+    # a new folder that a failing run would have made is not left behind
+    with pytest.raises(train.UsageError):
+        train.run(run_cfg(**{**base, "out": str(tmp_path / "new"), "knn_k": 10 ** 6}), log=lambda *_: None)
+    assert not (tmp_path / "new").exists()
+
+
+def test_topk_out_is_checked_before_training_and_replaces_only_a_topk_file(tmp_path):
+    base = tiny_run(tmp_path, epochs=1)
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(train.UsageError, match="is not a folder this user can write to"):
+        train.check(run_cfg(**base, topk_out=str(tmp_path / "afile" / "top.tsv")))
+    top = tmp_path / "top.tsv"
+    train.run(run_cfg(**base, out=str(tmp_path / "a"), topk_out=str(top)), log=lambda *_: None)
+    first = top.read_text()
+    assert first.startswith(train.TOPK_HEADER + "\n")
+    train.run(run_cfg(**base, out=str(tmp_path / "b"), topk_out=str(top)), log=lambda *_: None)  # its own: replaced
+    assert top.read_text() == first
+
+
+def test_two_runs_never_share_a_folder(tmp_path):
+    out = tmp_path / "run"
+    lock = train.FolderLock(str(out))
+    lock.acquire()  # another train.py holds the folder
+    try:
+        with pytest.raises(train.UsageError, match=re.escape(f"{out}/ is in use by another train.py (pid {os.getpid()})")):
+            train.run(run_cfg(**tiny_run(tmp_path, epochs=1, out=str(out))), log=lambda *_: None)
+        assert set(os.listdir(out)) == {".lock"}
+    finally:
+        lock.release()
+    train.run(run_cfg(**tiny_run(tmp_path, epochs=1, out=str(out))), log=lambda *_: None)  # free again
+    assert (out / "results.json").is_file()
+
+
+def test_atomic_writes_use_a_temporary_file_of_their_own(tmp_path, monkeypatch):
+    path, seen, real = tmp_path / "results.json", [], os.replace
+    (tmp_path / "results.json.tmp").write_text("another writer's")  # the old fixed name: left alone
+    monkeypatch.setattr(os, "replace", lambda a, b: seen.append(a) or real(a, b))
+    for text in ("one", "two"):
+        data.atomic_write(str(path), text)
+    assert path.read_text() == "two" and len(set(seen)) == 2
+    assert all(os.path.dirname(t) == str(tmp_path) and not os.path.exists(t) for t in seen)
+    assert (tmp_path / "results.json.tmp").read_text() == "another writer's"
+
+    def broken(f):
+        f.write("half")
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        data.atomic_write(str(path), broken)
+    assert path.read_text() == "two" and sorted(os.listdir(tmp_path)) == ["results.json", "results.json.tmp"]
+
+
+def test_a_run_on_other_data_of_the_same_name_does_not_replace_it(tmp_path, monkeypatch):
+    # two datasets named `med` in different data folders: the default run folder is the same
+    monkeypatch.chdir(tmp_path)
+    for k, folder in enumerate(("a", "b")):
+        ds = data.make_synthetic("med", k, TINY)
+        data.write_mmrec(ds, str(tmp_path / folder))
+    train.run(run_cfg(dataset="med", data_dir=str(tmp_path / "a"), epochs=1, batch_size=512, club_steps=2),
+              log=lambda *_: None)
+    folder = tmp_path / train.default_folder(run_cfg(dataset="med", epochs=1, batch_size=512, club_steps=2))
+    before = files_of(folder)
+    with pytest.raises(train.UsageError, match="holds another run .made on other data"):
+        train.run(run_cfg(dataset="med", data_dir=str(tmp_path / "b"), epochs=1, batch_size=512, club_steps=2),
+                  log=lambda *_: None)
+    assert files_of(folder) == before
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_sigterm_writes_the_last_finished_epoch_and_resume_goes_on_exactly(tmp_path, sig, code):
+    base = tiny_run(tmp_path, epochs=25, patience=100)
+    args = [sys.executable, os.path.join(HERE, "train.py"), "--dataset", "tiny", "--data-dir", base["data_dir"],
+            "--epochs", "25", "--patience", "100", "--batch-size", "512", "--club-steps", "2", "--out", str(tmp_path / "run")]
+    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    lines = []
+    for line in p.stdout:  # interrupt once epoch 3 is logged (metrics.csv has 3 rows; last.pt was saved after epoch 1)
+        lines.append(line)
+        if line.startswith("epoch    3"):
+            p.send_signal(sig)
+            break
+    rest, err = p.communicate(timeout=300)
+    lines += rest.splitlines(keepends=True)
+    assert p.returncode == code and err.count("\n") == 1 and "interrupted" in err, err
+    saved = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["epoch"]
+    rows = train.read_rows(tmp_path / "run" / "metrics.csv")
+    assert 3 <= saved == len(rows) < 25  # metrics.csv never runs ahead of last.pt
+    assert f"interrupted: --resume {tmp_path / 'run' / 'last.pt'} continues after epoch {saved}\n" in lines
+    log = []
+    resumed = train.run(run_cfg(resume=str(tmp_path / "run" / "last.pt")), log=log.append)
+    assert log[0].startswith(f"resuming {tmp_path / 'run'}/ after epoch {saved} ")
+    whole = train.run(run_cfg(**base, out=str(tmp_path / "whole")), log=lambda *_: None)
+    assert {k: v for k, v in resumed.items() if k not in TIMING} == {k: v for k, v in whole.items() if k not in TIMING}
+
+
+def test_metrics_running_ahead_of_the_checkpoint_is_said_on_resume(tmp_path, monkeypatch):
+    # a SIGKILL leaves metrics.csv after the last checkpoint: the resume line says which epochs run again
+    base = tiny_run(tmp_path, epochs=3, out=str(tmp_path / "run"))
+    monkeypatch.setattr(train, "CHECKPOINT_SECONDS", 1e9)  # last.pt after epoch 1 only, until the end
+    real = train.Run.finish
+    def killed(self, *args):  # as by SIGKILL, before the end of the run: no last word
+        raise SystemExit
+    monkeypatch.setattr(train.Run, "finish", killed)
+    with pytest.raises(SystemExit):
+        train.run(run_cfg(**base), log=lambda *_: None)
+    monkeypatch.setattr(train.Run, "finish", real)
+    lines = []
+    train.run(run_cfg(resume=str(tmp_path / "run" / "last.pt")), log=lines.append)
+    assert lines[0].startswith(f"resuming {tmp_path / 'run'}/ after epoch 1 (--epochs 3, --patience 20); "
+                               f"metrics.csv listed 3 epochs, those after 1 are run again")
+    assert len(train.read_rows(tmp_path / "run" / "metrics.csv")) == 3
+
+
+def npy_header_claiming(shape):
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "<f4", "fortran_order": False, "shape": shape})
+    return buf.getvalue() + b"\0" * 64
+
+
+@pytest.mark.parametrize("name, content, expect", [
+    ("inter", HEADER + "--3\t1\t1\t1\t0\n", "userID '--3' is not an integer"),
+    ("inter", HEADER + "\u00b2\t1\t1\t1\t0\n", "userID '\u00b2' is not an integer"),
+    ("inter", HEADER + "0\t99999999999999999999\t1\t1\t0\n", "itemID 99999999999999999999 is too large"),
+    ("image", b"", "image_feat.npy: not a readable .npy array"),
+    ("image", "npz", "image_feat.npy: not a readable .npy array"),
+    ("image", npy_header_claiming((7, 2 ** 40)), "its header promises (7, 1099511627776) float32"),
+    ("image", np.ones((7, 6), dtype=np.complex64), "dtype complex64 is not a real number type"),
+])
+def test_bad_files_give_one_line(tmp_path, monkeypatch, capsys, name, content, expect):
+    folder = tmp_path / "data" / "toy"
+    write_folder(tmp_path / "data", inter=content if name == "inter" else None)
+    if name == "image":
+        path = folder / "image_feat.npy"
+        if isinstance(content, np.ndarray):
+            np.save(path, content)
+        elif content == "npz":
+            np.savez(tmp_path / "x.npz", a=np.ones((7, 6)))
+            os.replace(tmp_path / "x.npz", path)
+        else:
+            path.write_bytes(content)
+    one_line_error(["--dataset", "toy", "--knn-k", "2"], tmp_path, monkeypatch, capsys, expect)
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["--batch-size", 10 ** 20], "--batch-size must be at most 2147483647"),
+    (["--seed", 10 ** 20], "--seed must be at most"),
+    (["--mlp-dim", 10 ** 12], "--mlp-dim must be at most"),
+    (["--embed-dim", 10 ** 20], "--embed-dim must be at most"),
+    (["--mlp-dim", 10 ** 9], "this run needs at least"),  # within range, beyond memory: the estimate refuses it
+    (["--backbone", "vbpr", "--embed-dim", "1"], "give an even number, 2 or more (got 1)"),
+    (["--backbone", "vbpr", "--embed-dim", "7"], "give an even number, 2 or more (got 7)"),
+    (["--device", "meta"], "--device meta: only cpu and cuda are supported"),
+    (["--device", "mps"], "--device mps: only cpu and cuda are supported"),
+    (["--data-seed", "-1"], "--data-seed must be at least 0"),
+    (["--resume", ""], "--resume '' is empty"),
+    (["--backbone", "vbpr", "--dropout", "1"], "--dropout must be below 1 (got 1.0)"),
+    (["--grid", "knn_k=5,5000"], "--grid point knn_k=5000: --knn-k 5000 is more than the 1144 items"),
+])
+def test_bad_settings_give_one_line(tmp_path, monkeypatch, capsys, args, expect):
+    one_line_error(args, tmp_path, monkeypatch, capsys, expect)
+    assert not (tmp_path / "runs").exists()  # checked before anything is written
+
+
+def test_a_foreign_checkpoint_gives_one_line(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    train.run(run_cfg(**tiny_run(tmp_path, epochs=1, out=str(out))), log=lambda *_: None)
+    ckpt = torch.load(out / "best.pt", weights_only=True)
+    foreign = {**ckpt, "model": {k: torch.zeros(3) for k in ckpt["model"]}}  # the right keys, other tensors
+    torch.save(foreign, tmp_path / "foreign.pt")
+    one_line_error(["--eval-only", "--ckpt", tmp_path / "foreign.pt"], tmp_path, monkeypatch, capsys,
+                   "does not fit its run's model")
+    unknown = {**ckpt, "config": {**ckpt["config"], "sand": {**ckpt["config"]["sand"], "lamda": 0.1}}}
+    torch.save(unknown, tmp_path / "unknown.pt")
+    one_line_error(["--eval-only", "--ckpt", tmp_path / "unknown.pt"], tmp_path, monkeypatch, capsys,
+                   "a saved configuration that this train.py cannot read (make_config: no setting lamda)")
+    last = torch.load(out / "last.pt", weights_only=True)
+    torch.save({**last, "opt": {"state": {}, "param_groups": []}}, tmp_path / "last.pt")
+    one_line_error(["--resume", tmp_path / "last.pt"], tmp_path, monkeypatch, capsys,
+                   "the checkpoint does not fit this run's model")
+
+
+def test_the_memory_a_run_needs_is_estimated_before_it_is_built(tmp_path, monkeypatch):
+    # 20,000 feature columns on 40 items: each transform is d x d, 6 GiB with Adam's state
+    rng = np.random.default_rng(0)
+    rows = [(u, (u + k) % 40, lab) for u in range(40) for k, lab in ((0, 0), (1, 0), (2, 0), (3, 1), (4, 2))]
+    inter = HEADER + "".join(f"{u}\t{i}\t1\t1\t{x}\n" for u, i, x in rows)
+    write_folder(tmp_path / "data", "wide", inter=inter, image=rng.random((40, 20000), dtype=np.float32),
+                 text=rng.random((40, 8)))
+    monkeypatch.setattr(train, "memory_available", lambda device: 2 ** 30)
+    cfg = run_cfg(dataset="wide", data_dir=str(tmp_path / "data"), knn_k=3, out=str(tmp_path / "run"))
+    with pytest.raises(train.UsageError, match=r"this run needs at least 6\.1 GiB \(406,\d{3},\d{3} parameters.*the "
+                                               r"largest, transform\.image\.weight, is 20000 x 20000\), more than the 1\.0 GiB"):
+        train.run(cfg, log=lambda *_: None)
+    assert not (tmp_path / "run").exists()
+    # the estimate counts the real model's parameters
+    ds = tiny()
+    for c in (run_cfg(), run_cfg(backbone="vbpr"), run_cfg(backbone="vbpr", dist="none", align="none")):
+        model = train.build(c, ds, torch.device("cpu"), 0)[0]
+        n = sum(p.numel() for p in model.parameters())
+        assert train.memory_needed(c, ds)[0] == 16 * n + 4 * ds.n_items * (48 + 24)
+
+
+# ---------------------------------------------------------------------------------------------
+# Copied pieces: the plain formula, or a clear error
+
+def views(n, d=6, seed=0, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    return [F.normalize(torch.randn(n, d, generator=gen, dtype=dtype), dim=1) for _ in range(2)]
+
+
+@pytest.mark.parametrize("loss", [solo_sim_loss, solo_sim_loss_fast])
+def test_solo_sim_loss_refuses_anchors_of_other_items_and_takes_a_tensor_temperature(loss):
+    t, v = views(40)
+    with pytest.raises(ValueError, match=re.escape(f"{loss.__name__}: anchor and other must both be [N, D], row i of "
+                                                   "each the same item (got [8, 6] and [40, 6])")):
+        loss(t[:8], v, 0.2)  # a batch of anchors against all items: anchor k would be scored against item k
+    with pytest.raises(ValueError, match="tau must be one number"):
+        loss(t, v, torch.tensor([0.2, 0.3]))
+    t32, v32 = (x.float() for x in (t, v))
+    for tau in (torch.tensor([0.2], dtype=torch.float64), torch.tensor(0.2, dtype=torch.float64), torch.tensor([[0.2]])):
+        torch.testing.assert_close(loss(t32, v32, tau).double(), solo_sim_loss(t, v, 0.2), rtol=1e-5, atol=1e-6)
+
+
+class WithOwnForward(nn.Sequential):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+CLUB_VARIANTS = ("a Sequential subclass with its own forward", "a forward hook", "frozen weights", "spectral_norm",
+                 "torch.compile")
+
+
+def club_variants():
+    """CLUBs that fit_club_fast must not take for the one it rewrites -> {name: club} (CLUB_VARIANTS)."""
+    torch.manual_seed(0)
+    out = {}
+    sub = CLUB(6, 4)
+    sub.mu = WithOwnForward(*sub.mu)
+    out["a Sequential subclass with its own forward"] = sub
+    hooked = CLUB(6, 4)
+    hooked.logvar[0].register_forward_hook(lambda module, args, result: result * 0.5)
+    out["a forward hook"] = hooked
+    frozen = CLUB(6, 4)
+    frozen.mu[0].requires_grad_(False)
+    out["frozen weights"] = frozen
+    spectral = CLUB(6, 4)
+    spectral.mu[2] = nn.utils.spectral_norm(spectral.mu[2])  # the old API: weight is no Parameter
+    out["spectral_norm"] = spectral
+    out["torch.compile"] = torch.compile(CLUB(6, 4))
+    return out
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile's first import warns of torch.jit inside torch
+@pytest.mark.parametrize("name", CLUB_VARIANTS)
+def test_fit_club_fast_runs_fit_club_for_anything_but_exactly_its_club(name):
+    club = club_variants()[name]
+    assert not sand._is_plain_club(club) and sand._is_plain_club(CLUB(6, 4))
+    x = torch.randn(2, 50, 6, generator=torch.Generator().manual_seed(1))
+    y = x.flip(0) + 0.3 * torch.randn(2, 50, 6, generator=torch.Generator().manual_seed(2))
+    fitted, nll = [], []
+    for fit in (fit_club, fit_club_fast):
+        est = copy.deepcopy(club)
+        params = [p for p in est.parameters() if p.requires_grad]
+        nll.append(fit(est, torch.optim.Adam(params, lr=1e-2), x, y, 5))
+        fitted.append(est.state_dict())
+        assert all(p.grad is None for p in est.parameters())
+    torch.testing.assert_close(nll[1], nll[0])
+    for key in fitted[0]:
+        torch.testing.assert_close(fitted[1][key], fitted[0][key], msg=key)
+    if name == "frozen weights":  # stays frozen
+        assert torch.equal(fitted[1]["mu.0.weight"], club.state_dict()["mu.0.weight"])
+
+
+@pytest.mark.parametrize("fit", [fit_club, fit_club_fast])
+def test_an_estimator_optimizer_holding_part_of_q_leaves_no_gradient_behind(fit):
+    torch.manual_seed(0)
+    club = CLUB(6, 4)
+    model_opt = torch.optim.SGD(club.parameters(), lr=1.0)  # a model optimizer that also holds the CLUB
+    before = copy.deepcopy(club.logvar.state_dict())
+    x = torch.randn(2, 40, 6)
+    fit(club, torch.optim.Adam(club.mu.parameters(), lr=1e-2), x, x + 0.1, 5)
+    assert all(p.grad is None for p in club.parameters())
+    model_opt.step()  # moves nothing: no gradient was left for it
+    for key, value in club.logvar.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    a, b = CLUB(6, 4), CLUB(6, 4)
+    b.load_state_dict(a.state_dict())
+    for est, f in ((a, fit_club), (b, fit_club_fast)):  # the same fit, plain and fast
+        f(est, torch.optim.Adam(est.mu.parameters(), lr=1e-2), x, x + 0.1, 5)
+    for key, value in a.state_dict().items():
+        torch.testing.assert_close(b.state_dict()[key], value, msg=key)
+
+
+def test_the_pieces_say_what_is_wrong_with_their_inputs():
+    club = CLUB(6, 4)
+    x = torch.randn(2, 30, 6)
+    perm = torch.stack([torch.randperm(30) for _ in range(2)])
+    with pytest.raises(ValueError, match=re.escape("CLUB: x and y must both be [..., N, D], row k of each the same "
+                                                   "item (got [2, 30, 6] and [2, 30, 5])")):
+        club(x, x[..., :5], perm)
+    with pytest.raises(ValueError, match=re.escape("CLUB: perm must be int64 of shape [2, 30]")):
+        club(x, x, perm[:, :20])
+    with pytest.raises(ValueError, match=re.escape("CLUB: perm holds 0..1143, but it must hold positions 0..29 within "
+                                                   "the 30 pairs (not item ids)")):
+        club(x, x, torch.stack([torch.arange(1114, 1144), torch.arange(30)]))  # item ids, not positions
+    for fit in (fit_club, fit_club_fast):
+        with pytest.raises(ValueError, match="x and y must both be"):
+            fit(club, torch.optim.Adam(club.parameters()), x, x[:1], 2)
+    cfg = SANDConfig()
+    aux = {"rgb": {"z": x[0], "a": x[0], "b": x[0]}, "txt": {"z": x[0], "a": x[0], "b": x[0]}}
+    with pytest.raises(ValueError, match=re.escape("sand_loss: aux must hold the modalities 'text' and 'image' (got "
+                                                   "['rgb', 'txt'])")):
+        sand.sand_loss(cfg, {"bpr": torch.tensor(0.0)}, aux, club, perm)
+    # under torch.inference_mode, fit_club still fits (the same as outside it)
+    x, y = torch.randn(2, 30, 6), torch.randn(2, 30, 6)
+    want = copy.deepcopy(club)
+    fit_club(want, torch.optim.Adam(want.parameters(), lr=1e-2), x, y, 3)
+    for fit in (fit_club, fit_club_fast):
+        est = copy.deepcopy(club)
+        with torch.inference_mode():
+            fit(est, torch.optim.Adam(est.parameters(), lr=1e-2), x.clone(), y.clone(), 3)
+        for (name, a), b in zip(est.named_parameters(), want.parameters()):
+            torch.testing.assert_close(a, b, msg=name)
+
+
+def test_the_loop_rules_the_readme_gives_hold():
+    """fit_club belongs after backward(): between the bound's forward and its backward it changes the weights the
+    backward needs, and autograd says so (no silent wrong gradient). neg_l2 is unbounded below."""
+    torch.manual_seed(0)
+    club = CLUB(4, 3)
+    a, b = torch.randn(2, 50, 4, requires_grad=True), torch.randn(2, 50, 4, requires_grad=True)
+    bound = club(a, b, torch.stack([torch.randperm(50) for _ in range(2)])).mean()
+    fit_club(club, torch.optim.Adam(club.parameters(), lr=1e-2), a, b, 2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        bound.backward()
+    x = torch.randn(20, 4, requires_grad=True)
+    opt = torch.optim.Adam([x], lr=0.1)
+    values = []
+    for _ in range(300):  # minimising neg_l2 alone: it keeps falling, with no floor
+        opt.zero_grad()
+        loss = neg_l2(x, torch.zeros(20, 4))
+        loss.backward()
+        opt.step()
+        values.append(float(loss.detach()))
+    assert all(b < a for a, b in zip(values, values[1:])) and values[-1] < 100 * values[0] < 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Flags that a variant does not read
+
+@pytest.mark.parametrize("kw, expect", [
+    ({"dist": "l2", "ureg": 0.1}, "--ureg is read only with --dist mi"),
+    ({"dist": "l2", "club_fit": "intra"}, "--club-fit is read only with --dist mi"),
+    ({"dist": "l2", "club_steps": 3}, "--club-steps is read only with --dist mi"),
+    ({"dist": "mi", "club_steps": 50, "dist_dim": 32, "w_l2": 0.01}, "--w-l2 is read only with --dist l2"),
+    ({"backbone": "vbpr", "knn_k": 5}, "--knn-k is not read by --backbone vbpr"),
+    ({"backbone": "vbpr", "mlp_dim": 8}, "--mlp-dim is not read by --backbone vbpr"),
+    ({"backbone": "vbpr", "dist_dim": 8}, "--dist-dim is not read by --backbone vbpr"),
+    ({"backbone": "vbpr", "n_layers": 1}, "--n-layers is not read by --backbone vbpr"),
+    ({"align": "none", "tau": 0.3}, "--tau is read only with --align solo or complete"),
+    ({"align": "none", "alpha": 0.1}, "--alpha is read only with --align solo or complete"),
+    ({"dist": "none", "dist_dim": 16}, "--dist-dim is read only with --dist mi or l2"),
+    ({"dropout": 0.1}, "--dropout is read only with --backbone vbpr"),
+    ({"backbone": "vbpr", "dist": "none", "align": "none", "eval_dropout": True}, "--eval-dropout is read only with --dropout above 0"),
+    ({"backbone": "vbpr", "dist": "none", "align": "none", "head_dim": 8}, "--head-dim is not read by plain VBPR"),
+])
+def test_a_flag_the_variant_does_not_read_is_refused(kw, expect):
+    with pytest.raises(train.UsageError, match=re.escape(expect)):
+        train.check_read(run_cfg(**kw))
+    read = {k: v for k, v in kw.items() if k in ("backbone", "dist", "align")}
+    train.check_read(run_cfg(**read))  # the variant alone is fine
+
+
+def test_a_grid_runs_each_distinct_point_once_and_refuses_a_setting_no_point_reads():
+    # the README's old example sweep: --dist l2 reads no --ureg, so half its runs were the others again
+    with pytest.raises(train.UsageError, match=re.escape("--grid: --ureg is read only with --dist mi, and no point "
+                                                         "has that: leave it out")):
+        cfg = run_cfg(dist="l2", grid=("alpha=0.012,0.1", "ureg=0.006,0.06"))
+        train.grid_runs(cfg, train.grid_points(cfg.train.grid))
+    cfg = run_cfg(grid=("dist=mi,l2", "ureg=0.006,0.06"), seeds=2)
+    out, runs, notes = train.grid_runs(cfg, train.grid_points(cfg.train.grid))
+    assert [(r.key, r.seed) for r in runs] == [(k, s) for k in ("dist=mi-ureg=0.006", "dist=mi-ureg=0.06", "dist=l2")
+                                               for s in (999, 1000)]
+    assert notes == ["--grid: --dist l2 --ureg 0.06 is the same run as --dist l2 (--ureg is read only with --dist mi): run once"]
+    assert runs[-1].cfg.sand.ureg == SANDConfig.ureg and runs[-1].changes == {"dist": "l2"}
+    with pytest.raises(train.UsageError, match=re.escape("--alpha is set by the --grid points: leave it out")):
+        cfg = run_cfg(alpha=0.1, grid=("alpha=0.012,0.1",))
+        train.grid_runs(cfg, train.grid_points(cfg.train.grid))
+    with pytest.raises(train.UsageError, match=re.escape("--dist is set by the --ablation points: leave it out")):
+        train.grid_runs(run_cfg(dist="l2", ablation=True), train.ABLATIONS)
+    # a base setting read by some ablation points applies to those, and is dropped from the others
+    _, runs, _ = train.grid_runs(run_cfg(ureg=0.1, ablation=True, seeds=1), train.ABLATIONS)
+    assert {r.key: r.cfg.sand.ureg for r in runs} == {"mi-cross": 0.1, "mi-intra": 0.1, "l2": 0.006, "align-only": 0.006,
+                                                      "dist-only": 0.1, "neither": 0.006, "complete": 0.006}
+
+
+def test_plain_vbpr_has_no_dropout_by_default_and_help_says_each_variants_default(capsys):
+    assert run_cfg(backbone="vbpr", dist="none", align="none").sand.dropout == 0.0  # MMRec's VBPR
+    assert run_cfg(backbone="vbpr").sand.dropout == 0.01 and run_cfg().sand.dropout == 0.0  # the authors' VBPR+SAND
+    assert run_cfg(backbone="vbpr", dist="none", align="none", dropout=0.2).sand.dropout == 0.2
+    with pytest.raises(SystemExit):
+        train.parser().parse_args(["--help"])
+    shown = re.sub(r"\s+", " ", capsys.readouterr().out)
+    assert ("(default: 0.0; --backbone vbpr: 0.01; plain VBPR (--backbone vbpr --dist none --align none): 0.0)" in shown
+            and "(default: 0.012; --backbone vbpr: 0.1)" in shown)
+
+
+def test_eval_dropout_draws_a_new_mask_at_each_evaluation_from_the_runs_seed(tmp_path):
+    ds = tiny()
+    cfg = run_cfg(backbone="vbpr", eval_dropout=True, dropout=0.3)
+    model = train.build(cfg, ds, torch.device("cpu"), 0)[0]
+    evaluator = train.make_evaluator(ds, torch.device("cpu"))
+    first, second = train.evaluate(model, evaluator), train.evaluate(model, evaluator)
+    assert first != second  # a new mask each time: a noisy score, as the authors' code gives
+    again = train.build(cfg, ds, torch.device("cpu"), 0)[0]
+    assert train.evaluate(again, evaluator) == first  # from the seed: repeatable
+    off = train.build(run_cfg(backbone="vbpr", dropout=0.3), ds, torch.device("cpu"), 0)[0]
+    assert train.evaluate(off, evaluator) == train.evaluate(off, evaluator)  # the default: no dropout at evaluation
+
+
+def test_the_readme_stays_short_and_names_its_commands():
+    with open(os.path.join(HERE, "README.md")) as f:
+        text = f.read()
+    assert len(text.splitlines()) <= 200
+    for command in ("python train.py --ablation", "python -m pytest -q test_sand.py"):
+        assert command in text
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1200,7 +1200,8 @@ def grid_runs(cfg, points):
             runs.append(GridRun(key, label, kept, seed, folder, one))
     for name in [*base, *(k for _, _, changes in points for k in changes)]:
         if name not in read:
-            raise UsageError(f"{kind}: {flag(name)} is {why[name]}, and no point has that: leave it out")
+            raise UsageError(f"{kind}: {flag(name)} is {why.get(name, 'read by no point')}, and no point has that: "
+                             f"leave it out")
     return out, runs, notes
 
 
@@ -1231,7 +1232,7 @@ def grid(cfg, ds, device, points, log):
     lock = FolderLock(out)
     lock.acquire()
     try:
-        rows = []
+        rows, diagnostics = [], {}
         for r, results in zip(runs, todo):
             if results is None:  # not yet run, or interrupted: then it goes on from its last.pt
                 last = os.path.join(r.folder, "last.pt")
@@ -1242,13 +1243,14 @@ def grid(cfg, ds, device, points, log):
                 + ", test " + " ".join(f"{m} {results['test'][m]:.4f}" if results["test"] else f"{m} -" for m in METRICS))
             rows.append({"point": r.key, "seed": r.seed, "best_epoch": results["best_epoch"],
                          "diverged": results["diverged"], **scores})
-        write_grid_tables(ds, device, kind, out, runs, rows, log)
+            diagnostics.setdefault(r.key, []).append(results.get("diagnostic"))
+        write_grid_tables(ds, device, kind, out, runs, rows, diagnostics, log)
     finally:
         lock.release()
     return rows
 
 
-def write_grid_tables(ds, device, kind, out, runs, rows, log):
+def write_grid_tables(ds, device, kind, out, runs, rows, diagnostics, log):
     write_rows(os.path.join(out, f"{kind}.csv"), rows)
     columns = [f"{s}_{m}" for s in ("valid", "test") for m in METRICS]
     summary = []
@@ -1278,6 +1280,7 @@ def write_grid_tables(ds, device, kind, out, runs, rows, log):
                  + " | ".join(f"{popular[c.split('_')[0]][c.split('_')[1]]:.4f}" for c in columns) + " | |")
     lines += ["", f"Chosen by the best mean valid Recall@20: {chosen['label']}; its test metrics are the grid's "
               "result." if chosen else "No point finished without diverging: none is chosen."]
+    lines += diagnostic_tables(summary, diagnostics)
     table = "\n".join(lines) + "\n"
     write_whole(os.path.join(out, f"{kind}.md"), table)
     save_json(os.path.join(out, f"{kind}.json"), {
@@ -1285,6 +1288,32 @@ def write_grid_tables(ds, device, kind, out, runs, rows, log):
         "chosen": chosen and {"point": chosen["point"], "settings": chosen["settings"], "runs": chosen["runs"],
                               **{s: {m: chosen["mean"][f"{s}_{m}"] for m in METRICS} for s in ("valid", "test")}}})
     log(table)
+
+
+def diagnostic_tables(summary, diagnostics):
+    """The grid's planted-factor diagnostic (built-in data), mean over each point's seeds: R^2(part | group) and
+    linear CKA, at initialisation -> at the best epoch. Lines of markdown (none without a diagnostic)."""
+    done = {p["label"]: [d for d in diagnostics.get(p["point"], []) if d] for p in summary}
+    done = {label: ds for label, ds in done.items() if ds}
+    if not done:
+        return []
+    mean = lambda ds, when, *keys: float(np.mean([functools.reduce(dict.get, keys, d[when]) for d in ds]))
+    cell = lambda ds, *keys: f"{mean(ds, 'init', *keys):.2f} -> {mean(ds, 'best', *keys):.2f}"
+    first = next(iter(done.values()))[0]["best"]
+    groups = list(next(iter(first["shares"].values())))
+    lines = ["", "What the learned parts carry (train.py's diagnostic): R^2(part | planted factor group) on held-out "
+             "items, at initialisation -> at the best epoch, mean over the seeds.", "",
+             "| point | part | " + " | ".join(groups) + " |", "|---" * (len(groups) + 2) + "|"]
+    for label, ds in done.items():
+        for part in ds[0]["best"]["shares"]:
+            lines.append(f"| {label} | {part} | " + " | ".join(cell(ds, "shares", part, g) for g in groups) + " |")
+    pairs = list(dict.fromkeys(k for ds in done.values() for k in ds[0]["best"]["cka"]))
+    lines += ["", "Linear CKA on held-out items, at initialisation -> at the best epoch, mean over the seeds.", "",
+              "| point | " + " | ".join(pairs) + " |", "|---" * (len(pairs) + 1) + "|"]
+    for label, ds in done.items():
+        lines.append(f"| {label} | " + " | ".join(cell(ds, "cka", k) if k in ds[0]["best"]["cka"] else "-"
+                                                   for k in pairs) + " |")
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1311,7 +1340,7 @@ class Status:
             self.epoch_start = time.perf_counter()
         spent = time.perf_counter() - self.epoch_start
         self.show(f"training: batch {done}/{total}, {spent:.1f} s, about {spent / done * (total - done):.0f} s "
-                  f"left in this epoch", every=0.2)
+                  f"left in this epoch", every=0.0 if done == 1 else 0.2)
         if done == total:
             self.epoch_start = None
 
