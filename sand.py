@@ -28,7 +28,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 MODALITIES = ("image", "text")  # fusion order, as released: [image | text]
 
 
@@ -58,7 +57,8 @@ class SANDConfig:
                          "commented out and unweighted, 0.01 is the authors' VBPR+SAND's explore_loss_coeff", min=0)
     tau: float = option(0.2, "SoloSimLoss temperature", above=0)
     club_steps: int = option(50, "estimator steps per training batch (--dist mi)", min=0, max=10 ** 6)
-    embed_dim: int = option(64, "per-modality graph embedding size", min=1, max=2 ** 31 - 1)
+    embed_dim: int = option(64, "per-modality graph embedding size (--backbone vbpr: the width of E_i and of X_m)",
+                            min=1, max=2 ** 31 - 1)
     mlp_dim: int = option(256, "hidden size of the item feature MLP", min=1, max=2 ** 31 - 1)
     head_dim: int = option(64, "hidden size of the alignment projection head", min=1, max=2 ** 31 - 1)
     align_dim: int = option(32, "output size of the alignment projection head", min=1, max=2 ** 31 - 1)
@@ -71,14 +71,14 @@ class SANDConfig:
     dropout: float = option(0.0, "dropout on the user and item embeddings in training (--backbone vbpr; the "
                             "authors' VBPR+SAND uses 0.01, MMRec's plain VBPR none)", min=0, below=1)
     eval_dropout: bool = option(False, "apply --dropout at evaluation too, a new mask at every evaluation, as the authors' "
-                                "VBPR+SAND does (a noisy valid score, which prolongs early stopping); drawn from the "
-                                "run's seeded generator")
+                                "VBPR+SAND does (a noisy valid score, which prolongs early stopping); drawn from "
+                                "torch's generator, seeded by --seed and saved in checkpoints")
 
 
 # Where the authors' VBPR+SAND (bruno686/MM_OOD: XVBPR.yaml and the configuration its log prints) differs
 # from the defaults above; train.py applies these unless a flag sets them (lr is train.py's).
-BACKBONE_DEFAULTS = {"dragon": {}, "vbpr": {"dist": "l2", "alpha": 0.1, "tau": 0.1, "w_l2": 0.01,
-                                            "reg_weight": 2.0, "dropout": 0.01, "lr": 1e-3}}
+BACKBONE_DEFAULTS = {"dragon": {}, "vbpr": {"dist": "l2", "alpha": 0.1, "tau": 0.1, "reg_weight": 2.0,
+                                            "dropout": 0.01, "lr": 1e-3}}
 # and plain VBPR (--backbone vbpr --dist none --align none) is MMRec's VBPR, which has no dropout
 PLAIN_VBPR_DEFAULTS = {"dropout": 0.0}
 
@@ -125,7 +125,7 @@ def lightgcn_adjacency(train, n_users, n_items):
     d_inv_sqrt = torch.where(deg > 0, deg.clamp_min(1).rsqrt(), torch.zeros_like(deg))
     values = d_inv_sqrt[rows] * d_inv_sqrt[cols]
     adj = torch.sparse_coo_tensor(torch.stack([rows, cols]), values, (n, n), check_invariants=False).coalesce()
-    return adj.to_sparse_csr()
+    return to_csr(adj)
 
 
 def lightgcn(adj, h0, n_layers):
@@ -161,7 +161,14 @@ def knn_graph(feat, k, chunk=None):
 def item_graph(image, text, k, image_weight):
     """The frozen item-item graph S = w S_image + (1 - w) S_text, sparse CSR [I, I]."""
     s = image_weight * knn_graph(image, k) + (1 - image_weight) * knn_graph(text, k)
-    return s.coalesce().to_sparse_csr()
+    return to_csr(s.coalesce())
+
+
+def to_csr(a):
+    """A sparse COO matrix as CSR, without torch's notice that CSR support is in beta."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return a.to_sparse_csr()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,11 +206,15 @@ def check_views(who, anchor, other, tau):
                          f"with the batch's item ids")
     if torch.is_tensor(tau) and tau.numel() != 1:
         raise ValueError(f"{who}: tau must be one number (got a tensor of shape {list(tau.shape)})")
+    if not torch.is_tensor(tau) and not tau > 0:
+        raise ValueError(f"{who}: tau must be above 0 (got {tau})")
 
 
 def neg_l2(a, b):
-    """Negative-L2 distancing (Eq. 14): -mean (a - b)^2. Minimising it pushes a and b apart; it is
-    unbounded below, so keep its weight small (w_l2)."""
+    """Negative-L2 distancing (Eq. 14): -mean (a - b)^2 over pairs a, b of one shape. Minimising it pushes a and b
+    apart; it is unbounded below, so keep its weight small (w_l2), and use it only where the score does not
+    grow with a and b (SAND's backbone normalises its graph input; an unnormalised one degrades)."""
+    check_pairs("neg_l2", a, b)
     return -F.mse_loss(a, b)
 
 
@@ -237,6 +248,10 @@ class CLUB(nn.Module):
         sum) for a loss. perm holds positions 0..N-1 within each set (a random permutation: torch.randperm(N)),
         not item ids."""
         check_pairs("CLUB", x, y)
+        first = self.mu[0] if isinstance(self.mu, nn.Sequential) else self.mu
+        width = getattr(first, "in_features", x.shape[-1])  # the estimator's own width (CLUB(dim, ...))
+        if x.shape[-1] != width:
+            raise ValueError(f"CLUB: the pairs are {x.shape[-1]} wide, the estimator CLUB({width}, ...) {width}")
         if perm.shape != x.shape[:-1] or perm.dtype != torch.long:
             raise ValueError(f"CLUB: perm must be int64 of shape {list(x.shape[:-1])}, one position per pair "
                              f"(got {perm.dtype} {list(perm.shape)})")

@@ -62,15 +62,17 @@ class TrainConfig:
                            "file, or one that --topk-out wrote before)")
     eval_only: bool = option(False, "evaluate the checkpoint --ckpt on valid and test, no training")
     ckpt: str = option("", "checkpoint for --eval-only")
-    resume: str = option("", "continue the run that wrote this checkpoint (last.pt), in its folder and with its "
-                         "settings; --epochs and --patience may extend it")
+    resume: str = option("", "continue the run that wrote this checkpoint (last.pt: written after the first epoch, "
+                         "then at most once a minute, at the end, and on Ctrl-C or SIGTERM), in its folder and with "
+                         "its settings; --epochs and --patience may extend it")
     ablation: bool = option(False, "run the ablation grid (SAND with mi and l2, cross and intra CLUB fitting, "
                             "alignment only, distancing only, neither, complete alignment) and write "
                             "ablation.csv/.md/.json")
     grid: tuple = option((), "run every point of the product of the listed settings, e.g. --grid alpha=0.012,0.1 "
                          "tau=0.1,0.2 (any model or training setting that changes results), and write "
                          "grid.csv/.md/.json; the chosen point is the best mean valid Recall@20, a tie going to "
-                         "the point listed first", nargs="+", metavar="SETTING=V1,V2,...")
+                         "the point listed first. Run again, it reads back finished runs and resumes interrupted "
+                         "ones", nargs="+", metavar="SETTING=V1,V2,...")
     seeds: int = option(3, "seeds per point in --ablation or --grid: --seed, --seed + 1, ...", min=1, max=10 ** 6)
     profile: bool = option(False, "print per-epoch seconds in sampling, forward, backward, estimator, "
                            "optimizer and evaluation (synchronises the device; on a GPU the steps then "
@@ -214,9 +216,10 @@ def most_popular(ds, device):
 # ---------------------------------------------------------------------------------------------
 # 3. One training step
 
-def train_step(model, club, opt, club_opt, batch, cfg, fit=fit_club_fast, lap=lambda phase: None):
+def train_step(model, club, opt, club_opt, batch, hp, fit=fit_club_fast, lap=lambda phase: None):
     """One step on a batch (users, positives, negatives [B] each, the CLUB bound's permutations [2, I] or
-    None); `cfg` is the SANDConfig, `fit` fit_club or its fast path. -> the loss terms {name: tensor}.
+    None); `hp` is the model's SANDConfig, `fit` fit_club or its fast path, `lap` a timer (--profile).
+    -> the loss terms {name: tensor}.
     The objective (sand.sand_loss): L = BPR + alpha * SoloSim + (ureg * CLUB  or  w_l2 * negL2)."""
     user, pos, neg, perms = batch
     # 1. forward and loss
@@ -228,7 +231,7 @@ def train_step(model, club, opt, club_opt, batch, cfg, fit=fit_club_fast, lap=la
     lap("backward")
     # 3. --dist mi: the estimator q takes its steps on the detached pairs, between backward and step (released)
     if pairs is not None:
-        terms["club_nll"] = fit(club, club_opt, *pairs, cfg.club_steps)
+        terms["club_nll"] = fit(club, club_opt, *pairs, hp.club_steps)
         lap("estimator")
     # 4. the model's optimizer step
     opt.step()
@@ -285,7 +288,7 @@ def fit(cfg, ds, device, out, resume=None, log=print):
                          torch.Generator(device=device).manual_seed(t.seed))
     evaluator = make_evaluator(ds, device)
     timer = Timer(device, sync=t.profile)
-    step = functools.partial(train_step, model, club, opt, club_opt, cfg=cfg.sand,
+    step = functools.partial(train_step, model, club, opt, club_opt, hp=cfg.sand,
                              fit=fit_club if t.plain else fit_club_fast, lap=timer.lap)
     if device.type == "cuda" and not (t.plain or t.profile):
         step = CUDAGraphed(step, [opt, club_opt])  # the same step, recorded once and replayed
@@ -307,7 +310,8 @@ def fit(cfg, ds, device, out, resume=None, log=print):
                 p.best_epoch, p.best = epoch, metrics
             p.epoch = epoch
             run.end_epoch(p, terms, metrics, improved, t1 - t0, t2 - t1, timer)  # metrics.csv, checkpoints, log
-        return run.finish(p, model, evaluator), model, evaluator
+        results = run.finish(p, model, evaluator)  # last.pt, best.pt, results.json; the model back at its best epoch
+    return results, model, evaluator
 
 
 def finite(terms, *modules):
@@ -317,7 +321,7 @@ def finite(terms, *modules):
 
 
 # ---------------------------------------------------------------------------------------------
-# 5. What the learned parts carry (built-in data, whose planted factors are known)
+# 5. Analysis, not training: what the learned parts carry (built-in data, whose planted factors are known)
 #
 # Each item of the built-in data carries three independent groups of planted factors: generic (seen by both
 # modalities), image-unique and text-unique; each modality's features are a linear map of its two groups plus
@@ -1291,28 +1295,41 @@ def write_grid_tables(ds, device, kind, out, runs, rows, diagnostics, log):
 
 
 def diagnostic_tables(summary, diagnostics):
-    """The grid's planted-factor diagnostic (built-in data), mean over each point's seeds: R^2(part | group) and
-    linear CKA, at initialisation -> at the best epoch. Lines of markdown (none without a diagnostic)."""
+    """The grid's planted-factor diagnostic (built-in data), at initialisation -> at the best epoch, each figure the
+    mean over the point's seeds and the two modalities: per part, R^2(part | group) of the generic factors, the
+    part's own modality's unique factors and the other modality's (a control: about 0); then linear CKA. Lines of
+    markdown (none without a diagnostic)."""
     done = {p["label"]: [d for d in diagnostics.get(p["point"], []) if d] for p in summary}
     done = {label: ds for label, ds in done.items() if ds}
     if not done:
         return []
-    mean = lambda ds, when, *keys: float(np.mean([functools.reduce(dict.get, keys, d[when]) for d in ds]))
-    cell = lambda ds, *keys: f"{mean(ds, 'init', *keys):.2f} -> {mean(ds, 'best', *keys):.2f}"
-    first = next(iter(done.values()))[0]["best"]
-    groups = list(next(iter(first["shares"].values())))
+    other = dict(zip(MODALITIES, reversed(MODALITIES)))
+    groups = {"generic": lambda m: "generic", "own unique": lambda m: m, "other unique": lambda m: other[m]}
+    pairs = {"g_text ~ g_image": ["text g ~ image g"], "z_text ~ z_image": ["text z ~ image z"],
+             "a_m ~ b_m": [f"{m} a ~ {m} b" for m in MODALITIES], "g_m ~ u_m": [f"{m} g ~ {m} u" for m in MODALITIES]}
+
+    def cell(ds, values):  # values(diagnostic at a time) -> the figures to average, or None if it has none
+        at = {when: [v for d in ds for v in (values(d[when]) or [])] for when in ("init", "best")}
+        return f"{np.mean(at['init']):.2f} -> {np.mean(at['best']):.2f}" if at["best"] else "-"
     lines = ["", "What the learned parts carry (train.py's diagnostic): R^2(part | planted factor group) on held-out "
-             "items, at initialisation -> at the best epoch, mean over the seeds.", "",
+             "items, at initialisation -> at the best epoch, mean over the seeds and both modalities.", "",
              "| point | part | " + " | ".join(groups) + " |", "|---" * (len(groups) + 2) + "|"]
     for label, ds in done.items():
-        for part in ds[0]["best"]["shares"]:
-            lines.append(f"| {label} | {part} | " + " | ".join(cell(ds, "shares", part, g) for g in groups) + " |")
-    pairs = list(dict.fromkeys(k for ds in done.values() for k in ds[0]["best"]["cka"]))
-    lines += ["", "Linear CKA on held-out items, at initialisation -> at the best epoch, mean over the seeds.", "",
+        names = ds[0]["best"]["shares"]
+        for kind in dict.fromkeys(name.split()[-1] for name in names):  # g, u, z, a, b (plain VBPR: features)
+            mods = [m for m in MODALITIES if f"{m} {kind}" in names]
+            if not mods:  # a part of both modalities at once: its shares by group name
+                lines.append(f"| {label} | {kind} | " + " | ".join(
+                    [cell(ds, lambda d: [d["shares"][kind]["generic"]])] + ["-"] * (len(groups) - 1)) + " |")
+                continue
+            lines.append(f"| {label} | {kind}_m | " + " | ".join(cell(ds, lambda d, g=g: [
+                d["shares"][f"{m} {kind}"][g(m)] for m in mods]) for g in groups.values()) + " |")
+    lines += ["", "Linear CKA on held-out items, at initialisation -> at the best epoch, mean over the seeds (and "
+              "over both modalities for a_m ~ b_m and g_m ~ u_m).", "",
               "| point | " + " | ".join(pairs) + " |", "|---" * (len(pairs) + 1) + "|"]
     for label, ds in done.items():
-        lines.append(f"| {label} | " + " | ".join(cell(ds, "cka", k) if k in ds[0]["best"]["cka"] else "-"
-                                                   for k in pairs) + " |")
+        lines.append(f"| {label} | " + " | ".join(cell(ds, lambda d, keys=keys: [d["cka"][k] for k in keys if k in d["cka"]])
+                                                   for keys in pairs.values()) + " |")
     return lines
 
 
