@@ -82,37 +82,38 @@ def read_inter(path):
     if absent:
         raise DataError(f"{path}: header lacks {', '.join(absent)} (found {header}); "
                         f"MMRec's .inter header is: userID itemID rating timestamp x_label, tab-separated")
+    twice = next((c for c in need if header.count(c) > 1), None)
+    if twice:
+        raise DataError(f"{path}: the header names {twice} twice")
     cols = [header.index(c) for c in need]
-    rows = []
-    for n, line in enumerate(lines, start=2):
+    integer = re.compile(r"-?[0-9]{1,18}")  # ASCII digits only (str.isdigit also takes '²'); up to 18 fit int64
+    out = [[], [], []]
+    for n, line in enumerate(lines, start=2):  # n: the line's number in the file
         if not line.strip():
             continue
         fields = line.split("\t")
         if len(fields) != len(header):
             raise DataError(f"{path}:{n}: {len(fields)} tab-separated fields, the header has {len(header)}")
-        rows.append([fields[c] for c in cols])
-    if not rows:
+        for values, c, col in zip(out, need, cols):
+            v = fields[col].strip(" ")
+            if not integer.fullmatch(v):
+                if re.fullmatch(r"-?[0-9]+", v):
+                    raise DataError(f"{path}:{n}: {c} {v} is too large for an id")
+                raise DataError(f"{path}:{n}: {c} {v!r} is not an integer")
+            values.append((int(v), n))
+    if not out[0]:
         raise DataError(f"{path}: no interactions below the header")
-    table = np.array(rows)
-    out = []
-    integer = re.compile(r"-?[0-9]+")  # ASCII digits only: str.isdigit also takes '²' and other digits
-    for j, c in enumerate(need):
-        column = np.char.strip(table[:, j])
-        bad = next((k for k, v in enumerate(column.tolist()) if not integer.fullmatch(v)), None)
-        if bad is not None:
-            raise DataError(f"{path}:{bad + 2}: {c} '{column[bad]}' is not an integer")
-        big = next((k for k, v in enumerate(column.tolist()) if len(v.lstrip("-")) > 18), None)
-        if big is not None:  # 19 digits and more may not fit in int64; no real id is that large
-            raise DataError(f"{path}:{big + 2}: {c} {column[big]} is too large for an id")
-        values = column.astype(np.int64)
-        if (values < 0).any():
-            bad = int(np.flatnonzero(values < 0)[0])
-            raise DataError(f"{path}:{bad + 2}: {c} {values[bad]} is negative; ids must be 0-based")
-        out.append(values)
-    user, item, label = out
+    arrays = []
+    for values, c in zip(out, need):
+        a = np.array([v for v, _ in values], dtype=np.int64)
+        if (a < 0).any():
+            bad = int(np.flatnonzero(a < 0)[0])
+            raise DataError(f"{path}:{values[bad][1]}: {c} {a[bad]} is negative; ids must be 0-based")
+        arrays.append(a)
+    user, item, label = arrays
     bad = np.flatnonzero(label > 2)
     if len(bad):
-        raise DataError(f"{path}:{bad[0] + 2}: x_label {label[bad[0]]} is not 0 (train), 1 (valid) or 2 (test)")
+        raise DataError(f"{path}:{out[2][bad[0]][1]}: x_label {label[bad[0]]} is not 0 (train), 1 (valid) or 2 (test)")
     return user, item, label
 
 
@@ -143,11 +144,12 @@ def read_features(path, n_items):
         feat = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
         raise DataError(f"{path}: not a readable .npy array ({e})") from None
-    feat = np.ascontiguousarray(feat, dtype=np.float32)
+    with np.errstate(over="ignore"):  # a value beyond float32's range becomes inf, refused below
+        feat = np.ascontiguousarray(feat, dtype=np.float32)
     bad = ~np.isfinite(feat).all(axis=1)
     if bad.any():
-        raise DataError(f"{path}: {bad.sum()} rows hold NaN or inf (first: item {np.flatnonzero(bad)[0]}); "
-                        f"fill or drop them before training")
+        raise DataError(f"{path}: {bad.sum()} rows hold NaN or inf, or values beyond float32's range (first: item "
+                        f"{np.flatnonzero(bad)[0]}); fill or drop them before training")
     return feat
 
 

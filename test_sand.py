@@ -11,6 +11,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -1142,9 +1143,11 @@ def test_resume_and_eval_only_refuse_a_changed_setting(tmp_path):
     with pytest.raises(train.UsageError, match=re.escape(f"--dist l2 differs from the run in {best} (mi); "
                                                          "--eval-only keeps that run's settings except --ckpt")):
         train.run(run_cfg(eval_only=True, ckpt=best, dist="l2"))
-    # the saved run's own values, and the flags that may change, are accepted
-    metrics = train.run(run_cfg(eval_only=True, ckpt=best, batch_size=512, device="cpu"), log=lambda *_: None)
+    # the saved run's own values, and the flags that may change, are accepted; a training setting is not read
+    metrics = train.run(run_cfg(eval_only=True, ckpt=best, dist="mi", device="cpu"), log=lambda *_: None)
     assert set(metrics) == {"valid", "test"}
+    with pytest.raises(train.UsageError, match=re.escape("--batch-size is not read by --eval-only: leave it out")):
+        train.run(run_cfg(eval_only=True, ckpt=best, batch_size=512))
 
 
 def test_cuda_device_number_is_checked_and_profiling_syncs_that_device(monkeypatch):
@@ -1694,6 +1697,8 @@ def test_ctrl_c_or_sigterm_writes_the_last_finished_epoch_and_resume_goes_on_exa
         lines.append(line)
         if line.startswith("epoch    3"):
             p.send_signal(sig)
+            time.sleep(0.001)
+            p.send_signal(sig)  # pressed twice: the second waits for the last epoch's files too
             break
     rest, err = p.communicate(timeout=300)
     lines += rest.splitlines(keepends=True)
@@ -1701,6 +1706,8 @@ def test_ctrl_c_or_sigterm_writes_the_last_finished_epoch_and_resume_goes_on_exa
     saved = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["epoch"]
     rows = train.read_rows(tmp_path / "run" / "metrics.csv")
     assert 3 <= saved == len(rows) < 25  # metrics.csv never runs ahead of last.pt
+    best = torch.load(tmp_path / "run" / "best.pt", weights_only=True)["epoch"]
+    assert best == torch.load(tmp_path / "run" / "last.pt", weights_only=True)["progress"]["best_epoch"]
     assert f"interrupted: --resume {tmp_path / 'run' / 'last.pt'} continues after epoch {saved}\n" in lines
     log = []
     resumed = train.run(run_cfg(resume=str(tmp_path / "run" / "last.pt")), log=log.append)
@@ -1725,6 +1732,115 @@ def test_metrics_running_ahead_of_the_checkpoint_is_said_on_resume(tmp_path, mon
     assert lines[0].startswith(f"resuming {tmp_path / 'run'}/ after epoch 1 (--epochs 3, --patience 20); "
                                f"metrics.csv listed 3 epochs, those after 1 are run again")
     assert len(train.read_rows(tmp_path / "run" / "metrics.csv")) == 3
+
+
+def test_a_resumed_runs_checkpoints_can_be_evaluated_and_resumed_again(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    train.run(run_cfg(**tiny_run(tmp_path, epochs=1, out=str(out))), log=lambda *_: None)
+    assert train.run(run_cfg(resume=str(out / "last.pt"), epochs=2), log=lambda *_: None)["epochs_run"] == 2
+    for ckpt in ("best.pt", "last.pt"):  # the saved configuration says it was resumed: not one of its settings
+        metrics = train.run(run_cfg(eval_only=True, ckpt=str(out / ckpt), topk_out=str(tmp_path / "top.tsv")),
+                            log=lambda *_: None)
+        assert set(metrics) == {"valid", "test"}
+    monkeypatch.chdir(tmp_path)  # --out given as another path to the run's own folder
+    assert train.run(run_cfg(resume="run/last.pt", out="run", epochs=3), log=lambda *_: None)["epochs_run"] == 3
+
+
+def test_an_interruption_while_an_epoch_is_kept_leaves_best_pt_and_last_pt_of_one_epoch(tmp_path, monkeypatch):
+    base = tiny_run(tmp_path, epochs=4, lr=1e-3)
+    whole = train.run(run_cfg(**base, out=str(tmp_path / "whole")), log=lambda *_: None)
+    improving = [r["epoch"] for r in train.read_rows(tmp_path / "whole" / "metrics.csv")
+                 if float(r["valid_recall@20"]) > 0][1]  # an epoch after the first whose state is being kept
+    real = train.Run.keep
+
+    def keep(self, p, improved):
+        if p.epoch == int(improving) and improved:
+            raise KeyboardInterrupt  # the signal lands as this epoch's state is copied
+        return real(self, p, improved)
+    monkeypatch.setattr(train.Run, "keep", keep)
+    with pytest.raises(KeyboardInterrupt):
+        train.run(run_cfg(**base, out=str(tmp_path / "part")), log=lambda *_: None)
+    last = torch.load(tmp_path / "part" / "last.pt", weights_only=True)
+    best = torch.load(tmp_path / "part" / "best.pt", weights_only=True)
+    assert last["epoch"] == int(improving) - 1 and best["epoch"] == last["progress"]["best_epoch"]
+    monkeypatch.setattr(train.Run, "keep", real)
+    resumed = train.run(run_cfg(resume=str(tmp_path / "part" / "last.pt")), log=lambda *_: None)
+    assert {k: v for k, v in resumed.items() if k not in TIMING} == {k: v for k, v in whole.items() if k not in TIMING}
+
+
+def test_a_second_grid_in_the_same_folder_does_not_replace_the_firsts_tables(tmp_path):
+    base = tiny_run(tmp_path, epochs=1, seeds=1, out=str(tmp_path / "grid"))
+    train.run(run_cfg(**base, grid=("alpha=0.1,0.2",)), log=lambda *_: None)
+    before = files_of(tmp_path / "grid")
+    with pytest.raises(train.UsageError, match=r"grid/ holds the tables of another grid \(alpha=0.1, alpha=0.2\)"):
+        train.run(run_cfg(**base, grid=("alpha=0.3,0.4",)), log=lambda *_: None)
+    assert files_of(tmp_path / "grid") == before
+
+
+def test_topk_out_never_reaches_the_run_folder_by_another_path(tmp_path, monkeypatch):
+    base = tiny_run(tmp_path, epochs=1)
+    out = tmp_path / "run"
+    os.symlink(out, tmp_path / "link")  # a path to the run folder that is not its own name
+    for topk in (tmp_path / "link" / "best.pt", out / ".lock", out, tmp_path / "link"):
+        with pytest.raises(train.UsageError, match="is the run's folder or one of its files"):
+            train.run(run_cfg(**base, out=str(out), topk_out=str(topk)), log=lambda *_: None)
+        assert not out.exists()  # refused before the folder is made
+    later = tmp_path / "notes.txt"
+    real = train.train_epoch
+
+    def someone_writes_there(*args):
+        later.write_text("mine")
+        return real(*args)
+    monkeypatch.setattr(train, "train_epoch", someone_writes_there)
+    with pytest.raises(train.UsageError, match="notes.txt exists and is not a top-k file"):
+        train.run(run_cfg(**base, out=str(out), topk_out=str(later)), log=lambda *_: None)
+    assert later.read_text() == "mine" and (out / "results.json").is_file()  # the run itself is kept
+
+
+def test_folder_names_too_long_for_the_file_system_are_refused_before_anything_runs(tmp_path):
+    # a grid of many settings makes long default folder names; here a long --out stands in for one
+    long = tmp_path / ("g" * 300)
+    for kw in ({"grid": ("alpha=0.1,0.2",), "seeds": 1}, {}):
+        with pytest.raises(train.UsageError, match="is 300 bytes, more than a file system allows"):
+            train.run(run_cfg(**tiny_run(tmp_path, epochs=1, out=str(long), **kw)), log=lambda *_: None)
+    assert os.listdir(tmp_path) == ["data"]
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["--lr", "0x10"], "argument --lr: invalid float value: '0x10' (see --help)"),
+    (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    (["--data-seed", "5", "--dataset", "toy"], "--data-seed is read only with a built-in --dataset"),
+    (["--data-dir", "elsewhere"], "--data-dir is not read by the built-in --dataset synthetic"),
+    (["--device", "cpu:1"], "--device cpu:1: the CPU has no device number"),
+])
+def test_more_settings_give_one_line(tmp_path, monkeypatch, capsys, args, expect):
+    write_folder(tmp_path / "data")
+    one_line_error(args, tmp_path, monkeypatch, capsys, expect)
+
+
+@pytest.mark.parametrize("inter, expect", [
+    (HEADER + "0\x00\t1\t1\t1\t0\n", "toy.inter:2: userID '0\\x00' is not an integer"),
+    ("userID\titemID\tuserID\tx_label\n0\t1\t0\t0\n", "the header names userID twice"),
+    (HEADER + "0\t1\t1\t1\t0\n\n\n0\t2\t1\t1\t5\n", "toy.inter:5: x_label 5 is not 0"),  # the file's line, blanks counted
+])
+def test_inter_files_are_read_strictly_with_the_files_line_numbers(tmp_path, inter, expect):
+    with pytest.raises(data.DataError, match=re.escape(expect)):
+        data.load_mmrec(write_folder(tmp_path, inter=inter), "toy")
+
+
+def test_features_beyond_float32_give_one_line_not_a_warning(tmp_path, recwarn):
+    image = np.ones((7, 6))
+    image[3, 2] = 1e300
+    with pytest.raises(data.DataError, match="1 rows hold NaN or inf, or values beyond float32's range"):
+        data.load_mmrec(write_folder(tmp_path, image=image), "toy")
+    assert not recwarn.list
+
+
+def test_a_run_with_no_finished_epoch_exits_1(tmp_path, monkeypatch, capsys):
+    base = tiny_run(tmp_path, lr=1e30, epochs=2)
+    code, err = cli(["--dataset", "tiny", "--data-dir", base["data_dir"], "--lr", "1e30", "--epochs", "2",
+                     "--club-steps", "2", "--out", tmp_path / "run"], tmp_path, monkeypatch, capsys)
+    assert code == 1 and err == "" and json.loads((tmp_path / "run" / "results.json").read_text())["diverged"]
 
 
 def npy_header_claiming(shape):

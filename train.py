@@ -26,6 +26,7 @@ import resource
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -489,6 +490,11 @@ def check(cfg):
     for name, needed in ONLY_WITH.items():
         if name in cfg.given and not any(getattr(t, n) for n in needed):
             raise UsageError(f"{flag(name)} is read only with {' or '.join(map(flag, needed))}")
+    builtin = t.dataset in data.BUILTIN
+    for name, ok, why in (("data_seed", builtin, "read only with a built-in --dataset"),
+                          ("data_dir", not builtin, f"not read by the built-in --dataset {t.dataset}")):
+        if name in cfg.given and not ok:
+            raise UsageError(f"{flag(name)} is {why}: leave it out")
     many = [n for n in ("ablation", "grid", "resume", "eval_only") if getattr(t, n)]
     if len(many) > 1:
         raise UsageError(f"{flag(many[0])} and {flag(many[1])} do not go together: run them one at a time")
@@ -564,6 +570,8 @@ def resolve_device(name):
         raise UsageError(f"--device {name!r} is not a device: use cpu, cuda or cuda:N") from None
     if device.type not in ("cpu", "cuda"):
         raise UsageError(f"--device {name}: only cpu and cuda are supported (the graphs use sparse CSR products)")
+    if device.type == "cpu" and device.index is not None:
+        raise UsageError(f"--device {name}: the CPU has no device number; use --device cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {name}: this torch sees no CUDA GPU; use --device cpu")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
@@ -615,8 +623,8 @@ class Run:
 
     def __init__(self, cfg, ds, out, log):
         self.cfg, self.ds, self.out, self.log = cfg, ds, out, log
-        self.lock, self.state, self.saved_epoch, self.saved_at = FolderLock(out), None, None, -math.inf
-        self.best_weights = None
+        self.lock, self.kept, self.saved_at = FolderLock(out), None, -math.inf  # kept: (last.pt, best.pt) to write
+        self.saved_epoch = self.saved_best = None  # the epochs that last.pt and best.pt hold
 
     def path(self, name):
         return os.path.join(self.out, name)
@@ -627,8 +635,10 @@ class Run:
     def __exit__(self, kind, error, trace):
         try:
             if kind is not None and issubclass(kind, KeyboardInterrupt) and self.lock.held:
-                if self.state is not None and self.state["epoch"] != self.saved_epoch:
-                    self.save()
+                if self.kept is not None and self.kept[0]["epoch"] != self.saved_epoch:
+                    with INTERRUPTS.held():  # metrics.csv as last.pt has it
+                        self.save()
+                        write_rows(self.path("metrics.csv"), self.kept[0]["progress"]["history"])
                 last = self.path("last.pt")
                 self.log(f"interrupted: --resume {last} continues after epoch {self.saved_epoch}"
                          if os.path.isfile(last) else f"interrupted before the first epoch ended: {self.out}/ "
@@ -647,7 +657,7 @@ class Run:
             p = Progress(diagnostic_init=self.ds.factors and diagnostic(model, self.ds.factors))
         else:
             p = Progress(**resume["progress"])
-            self.saved_epoch, self.saved_at = p.epoch, time.perf_counter()
+            self.saved_epoch, self.saved_best, self.saved_at = p.epoch, p.best_epoch, time.perf_counter()
             if os.path.exists(self.path("results.json")):
                 os.remove(self.path("results.json"))  # it is no longer a finished run
             listed = len(read_rows(self.path("metrics.csv")))
@@ -676,14 +686,12 @@ class Run:
         write_config(self.path("config.json"), self.cfg, self.ds, model_device(self.parts[0]))
 
     def end_epoch(self, p, terms, metrics, improved, train_s, eval_s, timer):
-        """After an epoch: metrics.csv, the best epoch's weights, the checkpoint when due, the log line."""
-        model = self.parts[0]
-        if improved:
-            self.best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        """After an epoch: metrics.csv, the state kept (with the best epoch's weights), the checkpoint when due, the
+        log line."""
         p.history.append({"epoch": p.epoch, **{k: round(v, 6) for k, v in terms.items()},
                           **{f"{s}_{k}": round(v, 6) for s in metrics for k, v in metrics[s].items()},
                           "train_s": round(train_s, 3), "eval_s": round(eval_s, 3)})
-        self.keep(p)
+        self.keep(p, improved)
         write_rows(self.path("metrics.csv"), p.history)
         if time.perf_counter() - self.saved_at > CHECKPOINT_SECONDS:
             self.save()
@@ -700,33 +708,38 @@ class Run:
         """An epoch whose loss or weights are not finite: the run stops (and stays stopped if resumed)."""
         self.log(f"epoch {p.diverged}: a loss or a weight is not finite ({terms}); stopping, "
                  + (f"the best epoch ({p.best_epoch}) is kept" if p.best_epoch else "no epoch finished"))
-        self.keep(p)
+        self.keep(p, improved=False)
 
-    def keep(self, p):
-        """The state to write to last.pt, copied now: every weight, optimizer state and random generator."""
+    def keep(self, p, improved):
+        """Copy now what last.pt and best.pt are to hold: every weight, optimizer state and random generator, and
+        the best epoch's weights. One assignment, so that what is written is always one epoch's."""
         model, club, opt, club_opt, gen = self.parts
-        copy_of = lambda state: copy.deepcopy(state)  # tensors cloned, so that training does not move them
         rng = {"cpu": torch.get_rng_state()}
         if gen.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(gen.device)
-        self.state = {"model": copy_of(model.state_dict()), "club": copy_of(club.state_dict()),
-                      "opt": copy_of(opt.state_dict()), "club_opt": copy_of(club_opt.state_dict()),
-                      "generator": gen.get_state(), "rng": rng, "progress": dataclasses.asdict(p),
-                      "epoch": p.epoch, **checkpoint_header(self.cfg, self.ds)}
+        last = {name: copy.deepcopy(part.state_dict()) for name, part in  # tensors cloned: training moves on
+                (("model", model), ("club", club), ("opt", opt), ("club_opt", club_opt))}
+        last.update(generator=gen.get_state(), rng=rng, progress=dataclasses.asdict(p), epoch=p.epoch,
+                    **checkpoint_header(self.cfg, self.ds))
+        best = self.kept and self.kept[1]
+        if improved:
+            best = {"model": last["model"], "epoch": p.best_epoch, **checkpoint_header(self.cfg, self.ds)}
+        self.kept = last, best
 
     def save(self):
-        """last.pt from the kept state, and best.pt with the best epoch's weights."""
-        save_checkpoint(self.path("last.pt"), self.state)
-        if self.best_weights is not None:
-            best = self.state["progress"]["best_epoch"]
-            save_checkpoint(self.path("best.pt"), {"model": self.best_weights, "epoch": best,
-                                                   **checkpoint_header(self.cfg, self.ds)})
-        self.saved_epoch, self.saved_at = self.state["epoch"], time.perf_counter()
+        """best.pt, then last.pt, from the kept state, both or neither interrupted (a signal waits for them)."""
+        last, best = self.kept
+        with INTERRUPTS.held():
+            if best is not None and best["epoch"] != self.saved_best:
+                save_checkpoint(self.path("best.pt"), best)
+                self.saved_best = best["epoch"]
+            save_checkpoint(self.path("last.pt"), last)
+            self.saved_epoch, self.saved_at = last["epoch"], time.perf_counter()
 
     def finish(self, p, model, evaluator):
         """The end of the run: last.pt and best.pt, the model left at its best epoch, results.json."""
-        if self.state is None:  # a resumed run that had already stopped
-            self.keep(p)
+        if self.kept is None:  # a resumed run that had already stopped
+            self.keep(p, improved=False)
         self.save()
         hist = p.history
         results = {"best_epoch": p.best_epoch, "valid": p.best and p.best["valid"], "test": p.best and p.best["test"],
@@ -735,7 +748,11 @@ class Run:
                    "eval_s_per_epoch": float(np.median([r["eval_s"] for r in hist])) if hist else None,
                    "peak_memory_gib": peak_memory_gib(model_device(model)), "dataset": self.ds.summary()}
         if p.best_epoch is not None:  # leave the model at its best epoch
-            model.load_state_dict(self.best_weights or load_checkpoint(self.path("best.pt"))["model"])
+            best = self.kept[1] or load_checkpoint(self.path("best.pt"))
+            if best["epoch"] != p.best_epoch:
+                raise UsageError(f"{self.path('best.pt')} holds epoch {best['epoch']}, but the run's best epoch is "
+                                 f"{p.best_epoch}: it was not written by this run")
+            model.load_state_dict(best["model"])
             if self.ds.factors is not None:  # built-in data: what do the parts carry?
                 results["diagnostic"] = {"init": p.diagnostic_init, "best": diagnostic(model, self.ds.factors)}
         save_json(self.path("results.json"), results)
@@ -851,16 +868,20 @@ else:
 
 class Interrupts:
     """SIGINT (Ctrl-C) and SIGTERM stop the program with KeyboardInterrupt, but never in the middle of writing
-    a file: a signal that arrives then takes effect once the file is written. main() installs it."""
+    a file: a signal that arrives then takes effect once the file is written; later signals are ignored while
+    the run writes its last epoch and stops. main() installs it."""
 
     def __init__(self):
         self.holding, self.pending, self.signal = 0, False, None
 
     def install(self):
+        self.holding, self.pending, self.signal = 0, False, None
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self.handle)
 
     def handle(self, signum, frame):
+        if self.signal is not None:  # already stopping: a second Ctrl-C waits for the last files too
+            return
         self.signal = signum
         if self.holding:
             self.pending = True
@@ -917,7 +938,9 @@ def load_checkpoint(path):
         raise UsageError(f"checkpoint {path} not found (a run folder holds best.pt and last.pt)")
     not_ours = f"{path} is not a checkpoint written by this train.py (a run folder's best.pt or last.pt)"
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on old file formats: the file is judged below
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # whatever torch.load makes of a file that is not one of ours
         raise UsageError(f"{not_ours}: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
     if not isinstance(ckpt, dict) or not {"model", "epoch", "config", "dataset"} <= ckpt.keys():
@@ -942,14 +965,22 @@ def config_from_dict(c, given=()):
 # these flags may change it; any other flag given must match the saved run, never be ignored.
 CHANGEABLE = {"resume": ("resume", "epochs", "patience", "device", "data_dir", "topk_out", "profile"),
               "eval_only": ("eval_only", "ckpt", "device", "data_dir", "topk_out")}
+NOT_READ = {"resume": (), "eval_only": ("epochs", "patience", "batch_size", "lr", "out", "profile")}  # no training
+MODES = ("resume", "eval_only", "ckpt", "ablation", "grid", "seeds", "topk_out", "profile")
 
 
 def saved_config(ckpt, path, cfg, mode):
     """The configuration of the run in checkpoint `ckpt` (read from `path`), with each flag of
     CHANGEABLE[mode] that the command line `cfg` gives taken from it; any other flag given must match."""
     saved = config_from_dict(ckpt["config"])
+    for name in MODES:  # how the saved run was started (say, resumed) is not one of its settings
+        setattr(saved.train, name, FIELDS[name].default)
     for name in sorted(cfg.given, key=list(FIELDS).index):
         new, old = value(cfg, name), value(saved, name)
+        if name in NOT_READ[mode]:
+            raise UsageError(f"{flag(name)} is not read by {flag(mode)}: leave it out")
+        if name in PATHS and new and old and os.path.realpath(new) == os.path.realpath(old):
+            continue
         if name in CHANGEABLE[mode]:
             setattr(saved.sand if name in saved.sand.__dataclass_fields__ else saved.train, name, new)
         elif as_json(new) != as_json(old):
@@ -1009,6 +1040,22 @@ def default_folder(cfg, points=None):
 TOPK_HEADER = "userID\t" + "\t".join(f"item{r}" for r in range(1, max(KS) + 1))
 
 
+def check_topk_target(path, folder):
+    """--topk-out must not be the run folder, nor one of its files (its lock included), by any path to them."""
+    real = os.path.realpath(path)
+    if real == os.path.realpath(folder) or real in {os.path.realpath(os.path.join(folder, f))
+                                                     for f in RUN_FILES + (".lock",)}:
+        raise UsageError(f"--topk-out {path} is the run's folder or one of its files: give another path")
+
+
+def check_folder_name(path):
+    """A run folder's name must fit the file system (a grid of many settings makes long default names)."""
+    for part in os.path.normpath(path).split(os.sep):
+        if len(part.encode()) > 255:
+            raise UsageError(f"the run folder name {part[:40]}... is {len(part.encode())} bytes, more than a file "
+                             f"system allows (255): give --out")
+
+
 def check_topk_path(path):
     """--topk-out writes a new file, or replaces one that --topk-out wrote; its folder must be writable."""
     if os.path.isdir(path):
@@ -1029,7 +1076,9 @@ def check_topk_path(path):
 
 
 def write_topk_file(model, evaluator, path):
-    """The top-20 items of every test user: a header, then a TSV line each, user id then items, best first."""
+    """The top-20 items of every test user: a header, then a TSV line each, user id then items, best first.
+    The path is checked again now: a file made there since the run began is not replaced."""
+    check_topk_path(path)
     rows = evaluator.splits["test"][1]
     top = evaluator.topk(scorer(model))[rows]
     lines = [TOPK_HEADER] + ["\t".join(map(str, [u] + row)) for u, row in zip(evaluator.users[rows].tolist(), top.tolist())]
@@ -1062,8 +1111,9 @@ def run(cfg, log=print):
         check_read(cfg)
     device = resolve_device(t.device)
     out = t.out or default_folder(cfg)
-    if t.topk_out and os.path.abspath(t.topk_out) in {os.path.abspath(os.path.join(out, f)) for f in RUN_FILES}:
-        raise UsageError(f"--topk-out {t.topk_out} is one of the run's own files: give another path")
+    check_folder_name(out)
+    if t.topk_out:
+        check_topk_target(t.topk_out, out)
     ds = load(t)
     if resume is not None:
         check_data(resume, t.resume, ds)
@@ -1086,6 +1136,8 @@ def eval_only(cfg, log):
         raise UsageError("--eval-only needs --ckpt PATH (a run folder's best.pt)")
     ckpt = load_checkpoint(cfg.train.ckpt)
     saved = saved_config(ckpt, cfg.train.ckpt, cfg, "eval_only")
+    if saved.train.topk_out:
+        check_topk_target(saved.train.topk_out, os.path.dirname(os.path.abspath(cfg.train.ckpt)))
     device = resolve_device(saved.train.device)
     ds = load(saved.train)
     check_data(ckpt, cfg.train.ckpt, ds)
@@ -1195,6 +1247,7 @@ def grid_runs(cfg, points):
         seen[key] = label
         for seed in range(cfg.train.seed, cfg.train.seed + cfg.train.seeds):
             folder = os.path.join(out, f"{key}-seed{seed}")
+            check_folder_name(folder)
             one = make_config(**{k: v for k, v in settings.items() if k not in unread}, seed=seed, out=folder)
             try:
                 check(one)
@@ -1222,6 +1275,15 @@ def grid(cfg, ds, device, points, log):
     out, runs, notes = grid_runs(cfg, points)
     for note in notes:
         log(note)
+    try:
+        with open(os.path.join(out, f"{kind}.json")) as f:
+            theirs = json.load(f).get("points")
+    except (OSError, ValueError, AttributeError):
+        theirs = None
+    ours = {r.key: sorted({x.seed for x in runs if x.key == r.key}) for r in runs}
+    if theirs is not None and theirs != ours:
+        raise UsageError(f"{out}/ holds the tables of another {kind} ({', '.join(theirs)}); give this one "
+                         f"another --out")
     todo = []
     for r in runs:
         try:
@@ -1288,6 +1350,7 @@ def write_grid_tables(ds, device, kind, out, runs, rows, diagnostics, log):
     table = "\n".join(lines) + "\n"
     write_whole(os.path.join(out, f"{kind}.md"), table)
     save_json(os.path.join(out, f"{kind}.json"), {
+        "points": {r.key: sorted({x.seed for x in runs if x.key == r.key}) for r in runs},
         "rule": "best mean valid recall@20 over the points with no diverged run; a tie goes to the point listed first",
         "chosen": chosen and {"point": chosen["point"], "settings": chosen["settings"], "runs": chosen["runs"],
                               **{s: {m: chosen["mean"][f"{s}_{m}"] for m in METRICS} for s in ("valid", "test")}}})
@@ -1425,8 +1488,13 @@ class CUDAGraphed:
 # ---------------------------------------------------------------------------------------------
 # Command line
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, as every other refusal (argparse prints its usage too)
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def parser():
-    p = argparse.ArgumentParser(description="Train SAND (Separate Alignment aNd Distancing) and report "
+    p = Parser(prog="train.py", description="Train SAND (Separate Alignment aNd Distancing) and report "
                                 "MMRec's Recall@10/20 and NDCG@10/20 at the best valid epoch.")
     for group, cls in (("training", TrainConfig), ("model (defaults: the authors' released code)", SANDConfig)):
         g = p.add_argument_group(group)
@@ -1459,7 +1527,9 @@ def main(argv=None):
     try:
         STATUS.on = sys.stdout.isatty()
         INTERRUPTS.install()
-        run(config_from_args(args), log=STATUS.log)
+        results = run(config_from_args(args), log=STATUS.log)
+        if isinstance(results, dict) and "best_epoch" in results and results["best_epoch"] is None:
+            sys.exit(1)  # the run diverged before its first epoch ended: it has no result
     except (data.DataError, UsageError, OSError) as e:  # OSError: a file or folder that cannot be written
         print(f"train.py: error: {e}", file=sys.stderr)
         sys.exit(2)
