@@ -1076,29 +1076,6 @@ def test_resume_with_more_epochs_or_patience_extends_a_run_exactly(tmp_path, com
     assert {k: saved["train"][k] for k in more} == more and saved["train"]["batch_size"] == 512
 
 
-def test_an_interrupted_run_keeps_its_files_and_resumes_exactly(tmp_path, monkeypatch):
-    base = tiny_run(tmp_path, club_steps=5, epochs=4)
-    whole = train.run(run_cfg(**base, out=str(tmp_path / "whole")), log=lambda *_: None)
-    real, calls = train.train_epoch, []
-
-    def interrupted_in_epoch_3(*args):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*args)
-    monkeypatch.setattr(train, "train_epoch", interrupted_in_epoch_3)
-    lines, out = [], tmp_path / "part"
-    with pytest.raises(KeyboardInterrupt):
-        train.run(run_cfg(**base, out=str(out)), log=lines.append)
-    assert lines[-1] == f"interrupted: --resume {out / 'last.pt'} continues after epoch 2"
-    assert not (out / "results.json").exists()  # only a finished run has one
-    assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 2  # the last finished epoch, written on interruption
-    assert len((out / "metrics.csv").read_text().splitlines()) == 3  # epochs 1 and 2, complete
-    monkeypatch.setattr(train, "train_epoch", real)
-    resumed = train.run(run_cfg(resume=str(out / "last.pt")), log=lambda *_: None)
-    assert {k: v for k, v in resumed.items() if k not in TIMING} == {k: v for k, v in whole.items() if k not in TIMING}
-
-
 def test_a_new_run_in_a_used_folder_replaces_only_a_run_of_its_own_settings(tmp_path, monkeypatch):
     base = tiny_run(tmp_path, epochs=1, out=str(tmp_path / "run"))
     train.run(run_cfg(**base), log=lambda *_: None)
@@ -1545,10 +1522,15 @@ def test_a_resumed_run_equals_an_uninterrupted_one_on_both_backbones(tmp_path, m
             raise KeyboardInterrupt
         return real(*args)
     monkeypatch.setattr(train, "train_epoch", interrupted_in_epoch_3)
+    lines, out = [], tmp_path / "part"
     with pytest.raises(KeyboardInterrupt):
-        train.run(run_cfg(**base, out=str(tmp_path / "part")), log=lambda *_: None)
+        train.run(run_cfg(**base, out=str(out)), log=lines.append)
+    assert lines[-1] == f"interrupted: --resume {out / 'last.pt'} continues after epoch 2"
+    assert not (out / "results.json").exists()  # only a finished run has one
+    assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 2  # the last finished epoch, written on interruption
+    assert len((out / "metrics.csv").read_text().splitlines()) == 3  # epochs 1 and 2, complete
     monkeypatch.setattr(train, "train_epoch", real)
-    resumed = train.run(run_cfg(resume=str(tmp_path / "part" / "last.pt")), log=lambda *_: None)
+    resumed = train.run(run_cfg(resume=str(out / "last.pt")), log=lambda *_: None)
     assert {k: v for k, v in resumed.items() if k not in TIMING} == {k: v for k, v in whole.items() if k not in TIMING}
     drop = lambda rows: [{k: v for k, v in r.items() if not k.endswith("_s")} for r in rows]
     assert drop(train.read_rows(tmp_path / "part" / "metrics.csv")) == drop(train.read_rows(tmp_path / "whole" / "metrics.csv"))
