@@ -255,10 +255,11 @@ class CLUB(nn.Module):
         if perm.shape != x.shape[:-1] or perm.dtype != torch.long:
             raise ValueError(f"CLUB: perm must be int64 of shape {list(x.shape[:-1])}, one position per pair "
                              f"(got {perm.dtype} {list(perm.shape)})")
-        if not (perm.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):  # a check would sync
-            if len(perm) and not 0 <= int(perm.min()) <= int(perm.max()) < x.shape[-2]:
-                raise ValueError(f"CLUB: perm holds {int(perm.min())}..{int(perm.max())}, but it must hold positions "
-                                 f"0..{x.shape[-2] - 1} within the {x.shape[-2]} pairs (not item ids)")
+        if perm.numel() and not (perm.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            lo, hi = torch.stack([perm.min(), perm.max()]).tolist()  # one host sync (none inside a CUDA graph)
+            if not 0 <= lo <= hi < x.shape[-2]:
+                raise ValueError(f"CLUB: perm holds {lo}..{hi}, but it must hold positions 0..{x.shape[-2] - 1} "
+                                 f"within the {x.shape[-2]} pairs (not item ids)")
         frozen = lambda net: torch.func.functional_call(net, {k: p.detach() for k, p in net.named_parameters()}, (x,))
         mu, logvar = frozen(self.mu), frozen(self.logvar)  # [..., N, D] each; q's parameters as constants
         y_perm = y.gather(-2, perm[..., None].expand(y.shape))  # [..., N, D]: row k holds y_pi(k)
@@ -519,9 +520,9 @@ class VBPRSAND(nn.Module):
 # mathematics, and is tested equal to it up to float rounding (test_sand.py): the same formulas in another
 # order of operations, so not bitwise the same (the estimator's 3,000 Adam steps per epoch amplify the
 # difference, which is why its nll drifts between the tiers). Where a fast path does not apply (another
-# estimator, a learnable temperature) it runs the plain piece. Savings measured side by side at Baby's shapes (synthetic-baby) on 2 CPU cores,
-# torch 2.13: forward + backward of one batch of 2048, best of several rounds; an epoch is 60 batches,
-# 67 to 85 s with every fast path in the same session (the README's speed table).
+# estimator, a learnable temperature) it runs the plain piece. Savings measured side by side, each piece
+# plain and fast in one run, at Baby's shapes (synthetic-baby) on 2 CPU cores, torch 2.13: forward and
+# backward of one batch, best of 3; an epoch is 60 batches, 51.6 s with every fast path (the README's Speed).
 
 # Largest temporary [rows, n_items] block of solo_sim_loss_fast and of evaluation scores, in float32
 # elements, per device type. CPU: 4 MiB (blocks of 64 MiB were 1.5x to 1.7x slower, of 2 MiB or less
@@ -550,8 +551,8 @@ class _SymmetricSparseMM(torch.autograd.Function):
 
 def lightgcn_fast(adj, h0, n_layers):
     """lightgcn, for the symmetric A that a LightGCN adjacency D^-1/2 (R + R^T) D^-1/2 is: each hop's
-    backward is a product with A itself. Saves 0.042 s of 0.074 s per batch for both modalities'
-    propagation (2.5 s of a CPU epoch)."""
+    backward is a product with A itself. Saves 0.049 s of 0.063 s per propagation, of which a batch has one
+    per modality (6 s of a CPU epoch)."""
     out, h = h0, h0
     for _ in range(n_layers):
         h = _SymmetricSparseMM.apply(adj, h)  # [N, D]
@@ -562,7 +563,7 @@ def lightgcn_fast(adj, h0, n_layers):
 def solo_sim_loss_fast(anchor, other, tau):
     """solo_sim_loss with its gradient computed in the same pass as the loss, over row blocks of the
     logits: no N x N matrix is kept (at Clothing's 26,071 items, autograd holds several of 2.7 GB each).
-    Saves 0.67 s of 0.78 s per batch (40 s of a CPU epoch). A learnable temperature (a tensor that needs
+    Saves 0.62 s of 0.71 s per batch (37 s of a CPU epoch). A learnable temperature (a tensor that needs
     a gradient) runs the plain solo_sim_loss; a second derivative (create_graph=True) is refused."""
     check_views("solo_sim_loss_fast", anchor, other, tau)
     if torch.is_tensor(tau):
@@ -632,7 +633,7 @@ def _is_plain_club(club):
 
 def fit_club_fast(club, optimizer, x, y, steps):
     """fit_club with the nll's gradient written out, both first layers in one matmul: a third of
-    autograd's kernels. Saves 0.17 s of 0.44 s per batch's 50 steps (10 s of a CPU epoch). Per step,
+    autograd's kernels. Saves 0.15 s of 0.32 s per batch's 50 steps (9 s of a CPU epoch). Per step,
     with r = mu - y, e = exp(-logvar) and N pairs per set,
         nll = 1/N sum (r^2 e + logvar) / 2,  dnll/dmu = r e / N,  dnll/dlogvar = (1 - r^2 e) / (2N),
     then back through tanh, Linear, ReLU, Linear. Anything but exactly this CLUB (another architecture, a
@@ -679,7 +680,7 @@ class FastSAND(SAND):
     SAND.modality: every consumer of X_m = f_m W^T + c is linear, so X_m [I, d] is never formed. Stacked
     into one weight V [k, d] (k = 256 + 64 + 32 + 32), the consumers read X_m V^T + e = f_m (V W)^T + (V c + e),
     which costs k d^2 + I d k multiply-adds instead of I d^2 + I d k: for Baby's 4096-d images, 7x fewer.
-    Saves 3.4 s of 4.0 s per batch, both modalities forward and backward (200 s of a CPU epoch)."""
+    Saves 2.6 s of 3.0 s per batch, both modalities forward and backward (155 s of a CPU epoch)."""
     lightgcn = staticmethod(lightgcn_fast)
     solo_sim_loss = staticmethod(solo_sim_loss_fast)
 

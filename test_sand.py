@@ -1097,7 +1097,8 @@ def test_a_new_run_in_a_used_folder_replaces_only_a_run_of_its_own_settings(tmp_
         train.run(run_cfg(**base), log=lines.append)
     assert f"replacing the earlier run of these settings and data in {folder}/" in lines
     assert {p.name for p in folder.iterdir()} == {"config.json", ".lock"}
-    assert train.finished_results(str(folder), run_cfg(**base), tiny_named()) is None
+    assert train.finished_results(str(folder)) is None and train.run_files(str(folder), run_cfg(**base), tiny_named()) \
+        == ["config.json"]
 
 
 def test_a_file_that_is_not_a_checkpoint_is_refused(tmp_path):

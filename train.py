@@ -460,9 +460,9 @@ def off_default(cfg):
     return {name: value(cfg, name) for name, f in FIELDS.items() if value(cfg, name) != defaults.get(name, f.default)}
 
 
-# Settings that do not change what a run computes
-NOT_IN_RESULTS = ("data_dir", "device", "out", "topk_out", "eval_only", "ckpt", "resume", "ablation", "grid",
-                  "seeds", "profile")
+# How a run is started and what it writes besides its results: not settings of the run itself
+MODES = ("topk_out", "eval_only", "ckpt", "resume", "ablation", "grid", "seeds", "profile")
+NOT_IN_RESULTS = ("data_dir", "device", "out", *MODES)  # settings that do not change what a run computes
 ONLY_WITH = {"ckpt": ("eval_only",), "seeds": ("ablation", "grid")}  # flags that mean something only with another
 PATHS = ("dataset", "data_dir", "out", "topk_out", "ckpt", "resume")  # an empty one is a mistake
 
@@ -649,14 +649,12 @@ class Run:
     def start(self, model, club, opt, club_opt, gen, resume):
         """-> the run's Progress: a new one, or the checkpoint's (its weights, optimizers and generators restored)."""
         self.parts = model, club, opt, club_opt, gen
-        if resume is not None:
-            restore(resume, model, club, opt, club_opt, gen)
+        p = restore(resume, model, club, opt, club_opt, gen) if resume is not None else None
         self.lock.acquire()
-        if resume is None:
+        if p is None:
             self.start_fresh()
             p = Progress(diagnostic_init=self.ds.factors and diagnostic(model, self.ds.factors))
         else:
-            p = Progress(**resume["progress"])
             self.saved_epoch, self.saved_best, self.saved_at = p.epoch, p.best_epoch, time.perf_counter()
             if os.path.exists(self.path("results.json")):
                 os.remove(self.path("results.json"))  # it is no longer a finished run
@@ -666,24 +664,19 @@ class Run:
                      + (f"; metrics.csv listed {listed} epochs, those after {p.epoch} are run again"
                         if listed > p.epoch else "")
                      + (": it has already stopped" if p.diverged or p.bad_epochs > t.patience else ""))
-            write_config(self.path("config.json"), self.cfg, self.ds, model_device(model))
+        write_config(self.path("config.json"), self.cfg, self.ds, model_device(model))
         self.log(f"{self.ds.summary(short=True)} on {model_device(model)}; writing to {self.out}/")
         for note in self.ds.notes:
             self.log(note)
         return p
 
     def start_fresh(self):
-        """A new run in the folder: refuse to replace another run's files; replace an earlier run of these settings."""
-        held = [name for name in RUN_FILES if os.path.exists(self.path(name))]
+        """A new run in the folder: an earlier run of these settings and data is replaced, another refused."""
+        held = run_files(self.out, self.cfg, self.ds)
         if held:
-            same = same_run(self.out, self.cfg, self.ds)
-            if same is not True:
-                raise UsageError(f"{self.out}/ holds another run ({same}); give another --out, or delete that "
-                                 f"folder to replace it")
             self.log(f"replacing the earlier run of these settings and data in {self.out}/")
-            for name in held:
-                os.remove(self.path(name))
-        write_config(self.path("config.json"), self.cfg, self.ds, model_device(self.parts[0]))
+        for name in held:
+            os.remove(self.path(name))
 
     def end_epoch(self, p, terms, metrics, improved, train_s, eval_s, timer):
         """After an epoch: metrics.csv, the state kept (with the best epoch's weights), the checkpoint when due, the
@@ -769,7 +762,7 @@ def checkpoint_header(cfg, ds):
 
 
 def restore(ckpt, model, club, opt, club_opt, gen):
-    """Load a last.pt into the run's model, estimator, optimizers and generators (or a UsageError)."""
+    """Load a last.pt into the run's model, estimator, optimizers and generators -> its Progress (or a UsageError)."""
     try:
         model.load_state_dict(ckpt["model"])
         club.load_state_dict(ckpt["club"])
@@ -779,7 +772,7 @@ def restore(ckpt, model, club, opt, club_opt, gen):
         torch.set_rng_state(ckpt["rng"]["cpu"])
         if gen.device.type == "cuda" and "cuda" in ckpt["rng"]:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"], gen.device)
-        Progress(**ckpt["progress"])
+        return Progress(**ckpt["progress"])
     except (RuntimeError, KeyError, TypeError, ValueError) as e:
         raise UsageError(f"the checkpoint does not fit this run's model ({type(e).__name__}: "
                          f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
@@ -811,14 +804,23 @@ def as_json(v):
     return json.loads(json.dumps(v))  # a tuple is a list there
 
 
-def finished_results(folder, cfg, ds):
-    """results.json of a finished run of these settings on this data in `folder`, else None."""
+def run_files(folder, cfg, ds):
+    """The run files (RUN_FILES) that `folder` holds, which must be a run of these settings on this data:
+    else a UsageError, before anything is touched."""
+    held = [name for name in RUN_FILES if os.path.exists(os.path.join(folder, name))]
+    same = same_run(folder, cfg, ds) if held else True
+    if same is not True:
+        raise UsageError(f"{folder}/ holds another run ({same}); give another --out, or delete that folder")
+    return held
+
+
+def finished_results(folder):
+    """results.json of the finished run in `folder` (checked by run_files), else None."""
     try:
         with open(os.path.join(folder, "results.json")) as f:
-            results = json.load(f)
+            return json.load(f)
     except (OSError, ValueError):
         return None
-    return results if same_run(folder, cfg, ds) is True else None
 
 
 class FolderLock:
@@ -965,8 +967,7 @@ def config_from_dict(c, given=()):
 # these flags may change it; any other flag given must match the saved run, never be ignored.
 CHANGEABLE = {"resume": ("resume", "epochs", "patience", "device", "data_dir", "topk_out", "profile"),
               "eval_only": ("eval_only", "ckpt", "device", "data_dir", "topk_out")}
-NOT_READ = {"resume": (), "eval_only": ("epochs", "patience", "batch_size", "lr", "out", "profile")}  # no training
-MODES = ("resume", "eval_only", "ckpt", "ablation", "grid", "seeds", "topk_out", "profile")
+NOT_READ = {"eval_only": ("epochs", "patience", "batch_size", "lr", "out", "profile")}  # no training
 
 
 def saved_config(ckpt, path, cfg, mode):
@@ -977,7 +978,7 @@ def saved_config(ckpt, path, cfg, mode):
         setattr(saved.train, name, FIELDS[name].default)
     for name in sorted(cfg.given, key=list(FIELDS).index):
         new, old = value(cfg, name), value(saved, name)
-        if name in NOT_READ[mode]:
+        if name in NOT_READ.get(mode, ()):
             raise UsageError(f"{flag(name)} is not read by {flag(mode)}: leave it out")
         if name in PATHS and new and old and os.path.realpath(new) == os.path.realpath(old):
             continue
@@ -1280,7 +1281,7 @@ def grid(cfg, ds, device, points, log):
             theirs = json.load(f).get("points")
     except (OSError, ValueError, AttributeError):
         theirs = None
-    ours = {r.key: sorted({x.seed for x in runs if x.key == r.key}) for r in runs}
+    ours = grid_index(runs)
     if theirs is not None and theirs != ours:
         raise UsageError(f"{out}/ holds the tables of another {kind} ({', '.join(theirs)}); give this one "
                          f"another --out")
@@ -1290,11 +1291,7 @@ def grid(cfg, ds, device, points, log):
             check_for_data(r.cfg, ds, device)
         except UsageError as e:
             raise UsageError(f"--{kind} point {r.key}: {e}") from None
-        held = any(os.path.exists(os.path.join(r.folder, name)) for name in RUN_FILES)
-        same = same_run(r.folder, r.cfg, ds) if held else True
-        if same is not True:
-            raise UsageError(f"{r.folder}/ holds another run ({same}); delete it, or give the grid another --out")
-        todo.append(finished_results(r.folder, r.cfg, ds) if held else None)
+        todo.append(finished_results(r.folder) if run_files(r.folder, r.cfg, ds) else None)
     lock = FolderLock(out)
     lock.acquire()
     try:
@@ -1314,6 +1311,11 @@ def grid(cfg, ds, device, points, log):
     finally:
         lock.release()
     return rows
+
+
+def grid_index(runs):
+    """{point: its seeds}: what a grid's <kind>.json records, to tell it from another grid in the folder."""
+    return {r.key: sorted(x.seed for x in runs if x.key == r.key) for r in runs}
 
 
 def write_grid_tables(ds, device, kind, out, runs, rows, diagnostics, log):
@@ -1350,7 +1352,7 @@ def write_grid_tables(ds, device, kind, out, runs, rows, diagnostics, log):
     table = "\n".join(lines) + "\n"
     write_whole(os.path.join(out, f"{kind}.md"), table)
     save_json(os.path.join(out, f"{kind}.json"), {
-        "points": {r.key: sorted({x.seed for x in runs if x.key == r.key}) for r in runs},
+        "points": grid_index(runs),
         "rule": "best mean valid recall@20 over the points with no diverged run; a tie goes to the point listed first",
         "chosen": chosen and {"point": chosen["point"], "settings": chosen["settings"], "runs": chosen["runs"],
                               **{s: {m: chosen["mean"][f"{s}_{m}"] for m in METRICS} for s in ("valid", "test")}}})
