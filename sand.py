@@ -7,19 +7,25 @@ half; the generic halves are aligned across modalities (SoloSimLoss) and each un
 away from its generic half (a CLUB bound of their mutual information, or a negative L2 distance).
 Equation numbers are those of the paper's v1, as the released code cites them.
 
-The method, in plain torch (autograd, the formulas as the paper and the released code state them):
-  1. SANDConfig: every hyper-parameter and its default (the authors' released code), and which
-     settings each variant reads (unread).
-  2. The graphs: the user-item LightGCN adjacency and propagation, the frozen item-item kNN graph.
-  3. The losses, each standalone: bpr_loss, emb_loss, solo_sim_loss, CLUB (+ fit_club), neg_l2; and
-     sand_loss, SAND's total objective on any backbone:
-         L = BPR + alpha * SoloSim + (ureg * CLUB  or  w_l2 * negL2)
-  4. The models: SAND (the released backbone) and VBPRSAND (the paper's VBPR+SAND, and VBPR).
-Then its fast paths, each with the inputs and outputs of the plain piece it replaces and the same
-mathematics, though not the same float rounding: lightgcn_fast, solo_sim_loss_fast, fit_club_fast,
-FastSAND (SAND with the composed feature transform and the fast pieces) and FastVBPRSAND. train.py runs
-the fast tier, `--plain` the plain one.
+Read it top to bottom:
+  1. SANDConfig: every hyper-parameter with its default (the authors' released code) and each backbone's
+     own default beside it; unread(): the settings a variant does not read.
+  2. The graphs: the user-item LightGCN adjacency and propagation, the frozen item-item kNN graph,
+     FREEDOM's edge pruning.
+  3. The losses, each standalone, to copy into another model: bpr_loss, emb_loss, solo_sim_loss,
+     neg_l2, CLUB with fit_club. Then sand_loss, SAND's whole objective for this project's models
+     (it reads a SANDConfig and the modalities "text" and "image"):
+         L = backbone's loss + alpha * SoloSim + (ureg * CLUB  or  w_l2 * negL2)
+  4. The models, SAND on three backbones: SAND (the released backbone, MMRec's DRAGON without its
+     user-user graph), VBPRSAND (the authors' VBPR+SAND, and VBPR) and FREEDOMSAND (FREEDOM+SAND, and
+     FREEDOM); build_model.
+  5. Fast paths, private to these models (not pieces to copy): each replaces one plain piece with the
+     same mathematics in fewer operations. A model picks its tier where it calls the piece
+     (`if self.fast:` beside the plain call); tier_mismatch() checks the tiers against each other, and
+     train.py runs that check before it trains on the fast tier, so that an edit to a plain piece is
+     never silently ignored.
 """
+import copy
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -29,102 +35,117 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 MODALITIES = ("image", "text")  # fusion order, as released: [image | text]
+BACKBONES = ("dragon", "vbpr", "freedom")
 
 
 def option(default, help, **kw):
-    """A dataclass field with its command-line help (train.py makes a flag of every field) and, for
-    numbers, its range: min / max (inclusive) or above / below (exclusive), which train.py checks."""
+    """A dataclass field with its command-line help (train.py makes a flag of every field) and, in `kw`: for
+    numbers, its range (min / max inclusive, above / below exclusive) and choices, which train.py checks; a
+    backbone's own default (vbpr=..., freedom=...; plain_vbpr=... for VBPR without SAND's terms)."""
     return field(default=default, metadata={"help": help, **kw})
+
+
+SIZE = 2 ** 20  # the largest layer width a flag may give (any more cannot fit in memory)
 
 
 @dataclass
 class SANDConfig:
-    """SAND's hyper-parameters. Defaults reproduce the authors' released code (BACKBONE_DEFAULTS below
-    for VBPR); train.py turns every field into a command-line flag (--club-fit for club_fit, ...)."""
+    """SAND's hyper-parameters. Defaults reproduce the authors' released code, and beside each default is a
+    backbone's own where it differs (VBPR+SAND: the authors' XVBPR.yaml; FREEDOM+SAND: their log and MMRec's
+    FREEDOM.yaml). train.py turns every field into a command-line flag (--club-fit for club_fit, ...)."""
     backbone: str = option("dragon", "the recommender SAND is added to: dragon (MMRec's DRAGON without its user-user "
-                           "graph, the released SAND) or vbpr (the authors' VBPR+SAND; VBPR itself with "
-                           "--dist none --align none)", choices=("dragon", "vbpr"))
-    dist: str = option("mi", "distancing: mi (CLUB bound), l2 (negative L2) or none", choices=("mi", "l2", "none"))
+                           "graph, the released SAND), vbpr (the authors' VBPR+SAND) or freedom (FREEDOM+SAND, as the "
+                           "authors' log shows it); VBPR or FREEDOM itself with --dist none --align none",
+                           choices=BACKBONES)
+    dist: str = option("mi", "distancing: mi (CLUB bound), l2 (negative L2) or none", choices=("mi", "l2", "none"),
+                       vbpr="l2")
     align: str = option("solo", "alignment: solo (SoloSimLoss on the generic halves), complete (SoloSimLoss on the whole "
                         "of X_m, no split: the complete alignment the paper argues against) or none",
                         choices=("solo", "complete", "none"))
     club_fit: str = option("cross", "pairs the CLUB estimator is fitted on: cross = (a_text->a_image, "
                            "b_text->b_image) as released; intra = (a_m->b_m) as the paper describes",
                            choices=("cross", "intra"))
-    alpha: float = option(0.012, "weight of SoloSimLoss", min=0)
+    alpha: float = option(0.012, "weight of SoloSimLoss", min=0, vbpr=0.1)
     ureg: float = option(0.006, "weight of the CLUB distancing term (--dist mi)", min=0)
     w_l2: float = option(0.01, "weight of the negative-L2 distancing term (--dist l2); the released SAND has these lines "
                          "commented out and unweighted, 0.01 is the authors' VBPR+SAND's explore_loss_coeff", min=0)
-    tau: float = option(0.2, "SoloSimLoss temperature", above=0)
+    tau: float = option(0.2, "SoloSimLoss temperature", above=0, vbpr=0.1)
     club_steps: int = option(50, "estimator steps per training batch (--dist mi)", min=0, max=10 ** 6)
-    embed_dim: int = option(64, "per-modality graph embedding size (--backbone vbpr: the width of E_i and of X_m)",
-                            min=1, max=2 ** 31 - 1)
-    mlp_dim: int = option(256, "hidden size of the item feature MLP", min=1, max=2 ** 31 - 1)
-    head_dim: int = option(64, "hidden size of the alignment projection head", min=1, max=2 ** 31 - 1)
-    align_dim: int = option(32, "output size of the alignment projection head", min=1, max=2 ** 31 - 1)
-    dist_dim: int = option(32, "size of the projected generic/unique parts used for distancing", min=1, max=2 ** 31 - 1)
-    club_hidden: int = option(8, "hidden size of the CLUB estimator's mu and logvar networks", min=1, max=2 ** 31 - 1)
+    embed_dim: int = option(64, "embedding size: per modality on dragon; vbpr: of E_i and of X_m; freedom: of the "
+                            "user and item embeddings and of X_m", min=1, max=SIZE)
+    mlp_dim: int = option(256, "hidden size of the item feature MLP", min=1, max=SIZE)
+    head_dim: int = option(64, "hidden size of the alignment projection head", min=1, max=SIZE, freedom=33)
+    align_dim: int = option(32, "output size of the alignment projection head", min=1, max=SIZE, freedom=63)
+    dist_dim: int = option(32, "size of the projected generic/unique parts used for distancing", min=1, max=SIZE)
+    club_hidden: int = option(8, "hidden size of the CLUB estimator's mu and logvar networks", min=1, max=SIZE)
     n_layers: int = option(2, "LightGCN hops on the user-item graph", min=0, max=100)
     knn_k: int = option(10, "neighbours per item in the item-item graph", min=1, max=2 ** 31 - 1)
     image_weight: float = option(0.1, "image share of the item-item graph (text gets the rest)", min=0, max=1)
-    reg_weight: float = option(0.0, "weight of the embedding regulariser emb_loss (--backbone vbpr)", min=0)
-    dropout: float = option(0.0, "dropout on the user and item embeddings in training (--backbone vbpr; the "
-                            "authors' VBPR+SAND uses 0.01, MMRec's plain VBPR none)", min=0, below=1)
+    reg_weight: float = option(0.0, "vbpr: weight of the embedding regulariser emb_loss; freedom: weight of the BPR "
+                               "terms of the modality features (MMRec's reg_weight, both)", min=0, vbpr=2.0)
+    dropout: float = option(0.0, "dropout on the user and item embeddings in training (the authors' VBPR+SAND uses "
+                            "0.01, MMRec's plain VBPR none)", min=0, below=1, vbpr=0.01, plain_vbpr=0.0)
     eval_dropout: bool = option(False, "apply --dropout at evaluation too, a new mask at every evaluation, as the authors' "
                                 "VBPR+SAND does (a noisy valid score, which prolongs early stopping); drawn from "
                                 "torch's generator, seeded by --seed and saved in checkpoints")
-
-
-# Where the authors' VBPR+SAND (bruno686/MM_OOD: XVBPR.yaml and the configuration its log prints) differs
-# from the defaults above; train.py applies these unless a flag sets them (lr is train.py's).
-BACKBONE_DEFAULTS = {"dragon": {}, "vbpr": {"dist": "l2", "alpha": 0.1, "tau": 0.1, "reg_weight": 2.0,
-                                            "dropout": 0.01, "lr": 1e-3}}
-# and plain VBPR (--backbone vbpr --dist none --align none) is MMRec's VBPR, which has no dropout
-PLAIN_VBPR_DEFAULTS = {"dropout": 0.0}
+    edge_dropout: float = option(0.8, "share of the train edges that FREEDOM drops anew every epoch, by degree (MMRec's "
+                                 "`dropout`); evaluation uses the whole graph", min=0, below=1)
 
 
 def unread(cfg):
     """{setting: why} for each setting that this configuration's variant does not read, so that giving it
     would change nothing (train.py refuses such a flag, and runs a grid point that differs from another
-    only in them once)."""
+    only in them once). The first reason that applies is given."""
     out = {}
+
+    def no(names, why):
+        for name in names.split():
+            out.setdefault(name, why)
+    if cfg.backbone != "dragon":
+        no("mlp_dim dist_dim", "read only with --backbone dragon (its item MLP and distancing projections; the other "
+                               "backbones distance the halves themselves)")
     if cfg.backbone == "vbpr":
-        out |= dict.fromkeys(("knn_k", "image_weight", "mlp_dim", "n_layers", "dist_dim"),
-                             "not read by --backbone vbpr (no graphs, no item MLP; it distances the halves themselves)")
-        if cfg.dist == cfg.align == "none":
-            out |= dict.fromkeys(("head_dim", "align_dim"), "not read by plain VBPR (--dist none --align none)")
+        no("knn_k image_weight n_layers", "not read by --backbone vbpr (no graphs)")
     else:
-        out |= dict.fromkeys(("reg_weight", "dropout", "eval_dropout"), "read only with --backbone vbpr")
-        if cfg.align == "none":
-            out |= dict.fromkeys(("head_dim", "align_dim"), "read only with --align solo or complete")
-        if cfg.dist == "none":
-            out["dist_dim"] = "read only with --dist mi or l2"
-    if cfg.backbone == "vbpr" and cfg.dropout == 0:
-        out["eval_dropout"] = "read only with --dropout above 0"
+        no("dropout eval_dropout", "read only with --backbone vbpr")
+    if cfg.backbone == "dragon":
+        no("reg_weight", "read only with --backbone vbpr or freedom")
+    if cfg.backbone != "freedom":
+        no("edge_dropout", "read only with --backbone freedom")
     if cfg.align == "none":
-        out |= dict.fromkeys(("alpha", "tau"), "read only with --align solo or complete")
+        no("alpha tau head_dim align_dim", "read only with --align solo or complete")
+    if cfg.dist == "none":
+        no("dist_dim", "read only with --dist mi or l2")
     if cfg.dist != "mi":
-        out |= dict.fromkeys(("ureg", "club_fit", "club_steps", "club_hidden"), "read only with --dist mi")
+        no("ureg club_fit club_steps club_hidden", "read only with --dist mi")
     if cfg.dist != "l2":
-        out["w_l2"] = "read only with --dist l2"
+        no("w_l2", "read only with --dist l2")
+    if cfg.dropout == 0:
+        no("eval_dropout", "read only with --dropout above 0")
     return out
 
 
 # ---------------------------------------------------------------------------------------------
-# Graphs
+# 2. Graphs
+
+def edge_values(train, n_users, n_items):
+    """1/sqrt(d_u d_i) for each train interaction (u, i) [E, 2] -> [E]: its value in the LightGCN adjacency, with
+    degrees counted over these interactions (a repeated pair counts as two edges, as in the released message
+    passing)."""
+    u, i = train[:, 0], train[:, 1] + n_users  # [E], [E]: items numbered after the users
+    deg = torch.bincount(torch.cat([u, i]), minlength=n_users + n_items).float()  # [U+I]
+    d_inv_sqrt = deg.clamp_min(1).rsqrt()  # [U+I]; every node of an edge has a degree of 1 or more
+    return d_inv_sqrt[u] * d_inv_sqrt[i]
+
 
 def lightgcn_adjacency(train, n_users, n_items):
     """A = D^-1/2 (R + R^T) D^-1/2 on the user-item graph (users first, then items), sparse CSR
-    [U+I, U+I]. R holds the train interactions; degrees count them (a repeated pair counts as two
-    edges, as in the released message passing); no self loops; a node without edges gets a zero row.
-    """
+    [U+I, U+I]. R holds the train interactions [E, 2]; no self loops; a node without edges has a zero row."""
     u, i = train[:, 0], train[:, 1] + n_users  # [E], [E]
-    rows, cols = torch.cat([u, i]), torch.cat([i, u])  # [2E]: both directions
+    v = edge_values(train, n_users, n_items)  # [E]
     n = n_users + n_items
-    deg = torch.bincount(rows, minlength=n).float()  # [U+I]
-    d_inv_sqrt = torch.where(deg > 0, deg.clamp_min(1).rsqrt(), torch.zeros_like(deg))
-    values = d_inv_sqrt[rows] * d_inv_sqrt[cols]
-    adj = torch.sparse_coo_tensor(torch.stack([rows, cols]), values, (n, n), check_invariants=False).coalesce()
+    adj = torch.sparse_coo_tensor(torch.stack([torch.cat([u, i]), torch.cat([i, u])]), torch.cat([v, v]), (n, n),
+                                  check_invariants=False).coalesce()  # both directions
     return to_csr(adj)
 
 
@@ -164,6 +185,15 @@ def item_graph(image, text, k, image_weight):
     return to_csr(s.coalesce())
 
 
+def pruned_adjacency(train, weights, n_users, n_items, dropout, generator):
+    """FREEDOM's degree-sensitive edge pruning (MMRec's pre_epoch_processing): keep int(E (1 - dropout)) of the E
+    train edges [E, 2], drawn without replacement with probability proportional to `weights` [E] (each edge's
+    1/sqrt(d_u d_i) in the whole graph, so edges between rarely seen nodes are kept more often), then the
+    LightGCN adjacency of the kept edges alone."""
+    keep = torch.multinomial(weights, int(len(weights) * (1 - dropout)), generator=generator)  # [E'] edge ids
+    return lightgcn_adjacency(train[keep], n_users, n_items)
+
+
 def to_csr(a):
     """A sparse COO matrix as CSR, without torch's notice that CSR support is in beta."""
     with warnings.catch_warnings():
@@ -172,12 +202,15 @@ def to_csr(a):
 
 
 # ---------------------------------------------------------------------------------------------
-# Losses: each one standalone, to lift into another model
+# 3. Losses: each one standalone, to lift into another model
 
 def bpr_loss(pos, neg, base=2):
     """BPR, -mean log sigmoid(s(u, i+) - s(u, i-)), [B], [B] -> scalar; log base 2 (the default) as the released
-    SAND, base e as MMRec's BPRLoss (its VBPR). The authors' VBPR+SAND writes -log(1e-10 + sigmoid(x)): the
-    same in float32 above a margin x of about -6, larger below (badly ranked pairs)."""
+    SAND, base e as MMRec's BPRLoss (its VBPR) and FREEDOM. The authors' VBPR+SAND writes -log(1e-10 + sigmoid(x)):
+    the same in float32 above a margin x of about -6, larger below (badly ranked pairs)."""
+    if pos.ndim != 1 or pos.shape != neg.shape:
+        raise ValueError(f"bpr_loss: pos and neg must both be [B], one score per triple (got {list(pos.shape)} and "
+                         f"{list(neg.shape)}); squeeze a [B, 1] scorer's output")
     return -F.logsigmoid(pos - neg).mean() / math.log(base)
 
 
@@ -191,51 +224,60 @@ def solo_sim_loss(anchor, other, tau):
     """SoloSimLoss (Eq. 10): InfoNCE in one direction over all N items, on L2-normalised projections
     of the generic parts; the text view anchors, as released:
         L = -1/N sum_i log( exp(t_i . v_i / tau) / sum_j exp(t_i . v_j / tau) )
-    anchor, other: [N, D], row i of both the same item, rows L2-normalised; tau: a number, or a one-element
-    tensor (a learnable temperature)."""
+    anchor, other: [N, D], row i of both the same item, rows L2-normalised; tau: a number above 0, or a
+    one-element tensor. To learn the temperature, keep it positive by construction: a parameter log_tau and
+    tau = log_tau.exp().clamp(min=0.01) (a raw learnable tau can cross 0, which is refused)."""
     check_views("solo_sim_loss", anchor, other, tau)
     logits = anchor @ other.T / tau  # [N, N]
     return (logits.logsumexp(1) - logits.diagonal()).mean()
 
 
 def check_views(who, anchor, other, tau):
-    """SoloSimLoss scores anchor i against other i: both must hold the same N items, in the same order."""
-    if anchor.ndim != 2 or anchor.shape != other.shape:
-        raise ValueError(f"{who}: anchor and other must both be [N, D], row i of each the same item (got "
+    """SoloSimLoss scores anchor i against other i: both must hold the same N > 0 items, in the same order."""
+    if anchor.ndim != 2 or anchor.shape != other.shape or len(anchor) == 0:
+        raise ValueError(f"{who}: anchor and other must both be [N, D] with N > 0, row i of each the same item (got "
                          f"{list(anchor.shape)} and {list(other.shape)}); for a batch of B items, index both views "
                          f"with the batch's item ids")
     if torch.is_tensor(tau) and tau.numel() != 1:
         raise ValueError(f"{who}: tau must be one number (got a tensor of shape {list(tau.shape)})")
-    if not torch.is_tensor(tau) and not tau > 0:
-        raise ValueError(f"{who}: tau must be above 0 (got {tau})")
+    if torch.is_tensor(tau) and tau.is_cuda and torch.cuda.is_current_stream_capturing():
+        return  # reading the value would synchronise; it was checked when the step ran before capture
+    value = tau.detach().item() if torch.is_tensor(tau) else tau
+    if not value > 0:
+        raise ValueError(f"{who}: tau must be above 0 (got {value}); a learnable one: tau = log_tau.exp().clamp(min=0.01)")
 
 
 def neg_l2(a, b):
     """Negative-L2 distancing (Eq. 14): -mean (a - b)^2 over pairs a, b of one shape. Minimising it pushes a and b
     apart; it is unbounded below, so keep its weight small (w_l2), and use it only where the score does not
     grow with a and b (SAND's backbone normalises its graph input; an unnormalised one degrades)."""
-    check_pairs("neg_l2", a, b)
+    check_pairs("neg_l2", a, b, same_width=True)
     return -F.mse_loss(a, b)
 
 
-def check_pairs(who, x, y):
-    """The CLUB's pairs: x and y of one shape [..., N, D], row k of each the same item."""
-    if x.ndim < 2 or x.shape != y.shape:
-        raise ValueError(f"{who}: x and y must both be [..., N, D], row k of each the same item (got "
+def check_pairs(who, x, y, same_width=False):
+    """Pairs x [..., N, D_x], y [..., N, D_y], row k of each the same item, N > 0."""
+    if x.ndim < 2 or x.shape[:-1] != y.shape[:-1] or x.shape[-2] == 0 or (same_width and x.shape != y.shape):
+        raise ValueError(f"{who}: x and y must both be [..., N, D] with N > 0, row k of each the same item (got "
                          f"{list(x.shape)} and {list(y.shape)})")
 
 
 class CLUB(nn.Module):
     """CLUB, a sampled upper bound of the mutual information I(x; y) (Cheng et al., ICML 2020), SAND's
-    distancing term (Eq. 13), with a variational q(y|x) = N(mu(x), exp(logvar(x))):
-        bound = max(0, 1/(2N) sum_k [log q(y_k | x_k) - log q(y_pi(k) | x_k)]),  pi a permutation.
-    The model minimises the bound; q is fitted separately by maximum likelihood (fit_club), so the
-    bound's gradient reaches x and y only, never q's parameters."""
+    distancing term (Eq. 13), with a variational q(y|x) = N(mu(x), exp(logvar(x))). The bound is, as released,
+    half of Cheng et al.'s CLUBSample, clamped at 0:
+        CLUBSample = 1/N sum_k [log q(y_k | x_k) - log q(y_pi(k) | x_k)]       (log q without its constant)
+        bound      = max(0, CLUBSample / 2)                                      pi a random permutation
+    (log_q below already carries the Gaussian's 1/2; the released code divides by 2 once more.) The model
+    minimises the bound; q is fitted separately by maximum likelihood (fit_club), so the bound's gradient
+    reaches x and y only, never q's parameters. x and y may differ in width: CLUB(x_dim, y_dim, hidden), as
+    Cheng et al.'s CLUBSample(x_dim, y_dim, hidden_size), whose hidden layers are hidden_size // 2 wide (here:
+    `hidden`)."""
 
-    def __init__(self, dim, hidden):
+    def __init__(self, x_dim, y_dim, hidden):
         super().__init__()
-        self.mu = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, dim))
-        self.logvar = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, dim), nn.Tanh())
+        self.mu = nn.Sequential(nn.Linear(x_dim, hidden), nn.ReLU(), nn.Linear(hidden, y_dim))
+        self.logvar = nn.Sequential(nn.Linear(x_dim, hidden), nn.ReLU(), nn.Linear(hidden, y_dim), nn.Tanh())
 
     @staticmethod
     def log_q(mu, logvar, y):
@@ -243,26 +285,31 @@ class CLUB(nn.Module):
         return (-(mu - y) ** 2 / logvar.exp() / 2 - logvar / 2).sum(-1)
 
     def forward(self, x, y, perm):
-        """x, y [..., N, D], perm [..., N] -> the bound of each set of N pairs [...]. A leading dimension
-        holds independent sets (SAND: one per modality): one bound per set, so take .mean() (or a weighted
-        sum) for a loss. perm holds positions 0..N-1 within each set (a random permutation: torch.randperm(N)),
-        not item ids."""
+        """x [..., N, x_dim], y [..., N, y_dim], perm [..., N] -> the bound of each set of N pairs [...]. A leading
+        dimension holds independent sets (SAND: one per modality): one bound per set, so take .mean() (or a
+        weighted sum) for a loss. perm holds positions 0..N-1 within each set (a random permutation:
+        torch.randperm(N)), not item ids."""
         check_pairs("CLUB", x, y)
-        first = self.mu[0] if isinstance(self.mu, nn.Sequential) else self.mu
-        width = getattr(first, "in_features", x.shape[-1])  # the estimator's own width (CLUB(dim, ...))
-        if x.shape[-1] != width:
-            raise ValueError(f"CLUB: the pairs are {x.shape[-1]} wide, the estimator CLUB({width}, ...) {width}")
+        for net in (self.mu, self.logvar):  # the estimator's own widths, where its Linear layers say them
+            linears = [layer for layer in net.modules() if isinstance(layer, nn.Linear)]
+            if linears and (linears[0].in_features, linears[-1].out_features) != (x.shape[-1], y.shape[-1]):
+                raise ValueError(f"CLUB: the pairs are {x.shape[-1]} and {y.shape[-1]} wide, the estimator reads "
+                                 f"{linears[0].in_features} and gives {linears[-1].out_features}")
         if perm.shape != x.shape[:-1] or perm.dtype != torch.long:
             raise ValueError(f"CLUB: perm must be int64 of shape {list(x.shape[:-1])}, one position per pair "
                              f"(got {perm.dtype} {list(perm.shape)})")
-        if perm.numel() and not (perm.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-            lo, hi = torch.stack([perm.min(), perm.max()]).tolist()  # one host sync (none inside a CUDA graph)
+        if not (perm.is_cuda and torch.cuda.is_current_stream_capturing()):  # a check would synchronise there
+            lo, hi = torch.stack([perm.min(), perm.max()]).tolist()
             if not 0 <= lo <= hi < x.shape[-2]:
                 raise ValueError(f"CLUB: perm holds {lo}..{hi}, but it must hold positions 0..{x.shape[-2] - 1} "
                                  f"within the {x.shape[-2]} pairs (not item ids)")
-        frozen = lambda net: torch.func.functional_call(net, {k: p.detach() for k, p in net.named_parameters()}, (x,))
-        mu, logvar = frozen(self.mu), frozen(self.logvar)  # [..., N, D] each; q's parameters as constants
-        y_perm = y.gather(-2, perm[..., None].expand(y.shape))  # [..., N, D]: row k holds y_pi(k)
+        # q's networks run on copies of its weights taken now (functional_call puts them in place of the
+        # parameters): detached, so no gradient reaches q; copied (they are tiny), so that fitting q before this
+        # bound's backward, by any optimizer, cannot change what the backward reads
+        run = lambda net: torch.func.functional_call(net, {k: p.detach().clone() for k, p in net.named_parameters()},
+                                                     (x,))
+        mu, logvar = run(self.mu), run(self.logvar)  # [..., N, y_dim] each
+        y_perm = y.gather(-2, perm[..., None].expand(y.shape))  # [..., N, y_dim]: row k holds y_pi(k)
         gap = self.log_q(mu, logvar, y) - self.log_q(mu, logvar, y_perm)  # [..., N]
         return (gap.mean(-1) / 2).clamp(min=0)  # [...]
 
@@ -282,17 +329,20 @@ def check_estimator_optimizer(club, optimizer):
 
 
 def fit_club(club, optimizer, x, y, steps):
-    """Fit the estimator q by maximum likelihood: `steps` steps of `optimizer` on club.nll(x, y), the
-    pairs detached (nothing reaches the model). SAND, as released, runs 50 steps per batch, after the
-    model's backward and before the model's optimizer step (never between the bound's forward and its
-    backward: the steps change the weights that backward reads). Returns the last step's loss, taken before
-    its update (with no steps, as it stands): club.nll, the sum over the sets of each set's mean negative
-    log-likelihood, without the Gaussian's constant. Every estimator gradient is None afterwards, so that
-    no other optimizer holding them (a model's, with the CLUB as its submodule) moves it."""
+    """Fit the estimator q by maximum likelihood: `steps` steps of `optimizer` on club.nll(x, y), the pairs
+    detached (nothing reaches the model) and in q's own dtype, outside any autocast (whose cached low-precision
+    weights would hold every step at the first's). SAND, as released, runs 50 steps per batch, after the model's
+    backward and before the model's optimizer step. Returns the last step's loss, taken before its update (with
+    no steps, as it stands): club.nll, the sum over the sets of each set's mean negative log-likelihood, without
+    the Gaussian's constant. Every estimator gradient is None afterwards, so that no other optimizer holding
+    them (a model's, with the CLUB as its submodule) moves it."""
     check_estimator_optimizer(club, optimizer)
     check_pairs("fit_club", x, y)
-    with torch.inference_mode(False), torch.enable_grad():  # also under inference_mode: fitting needs autograd
-        x, y = (t.detach().clone() if t.is_inference() else t.detach() for t in (x, y))  # a clone is a normal tensor
+    if not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"fit_club: steps must be a whole number, 0 or more (got {steps!r})")
+    dtype = next(club.parameters()).dtype
+    with torch.inference_mode(False), torch.enable_grad(), torch.autocast(x.device.type, enabled=False):
+        x, y = (t.detach().to(dtype).clone() if t.is_inference() else t.detach().to(dtype) for t in (x, y))
         for _ in range(steps):
             club.zero_grad(set_to_none=True)
             loss = club.nll(x, y)
@@ -305,28 +355,33 @@ def fit_club(club, optimizer, x, y, steps):
     return loss.detach()
 
 
-def sand_loss(cfg, terms, aux, club, perms=None, solo=solo_sim_loss):
-    """SAND's total objective, as released: the backbone's own terms (BPR, a regulariser), then
+def sand_loss(cfg, terms, aux, club, perms=None, fast=False):
+    """SAND's total objective, as released, for this project's models: the backbone's own terms (BPR, a
+    regulariser), then
         L = ... + alpha * SoloSim + (ureg * CLUB  or  w_l2 * negL2), the distancing averaged over modalities.
-    terms: {name: value} of the backbone's loss; aux: per modality {"z": [I, D] alignment views (rows
-    L2-normalised), "a", "b": [I, K] distancing pairs}; perms [2, I]: the CLUB bound's permutations of
-    the items, text's then image's (--dist mi; drawn from torch's global generator if not given).
-    Returns (loss, {term: value}, the (x, y) pairs [2, I, K] the CLUB estimator is fitted on, or None)."""
-    if (cfg.align != "none" or cfg.dist != "none") and set(aux) != {"text", "image"}:
+    cfg: a SANDConfig; terms: {name: value} of the backbone's loss; aux: per modality, named "text" and "image",
+    {"z": [I, D] alignment views (rows L2-normalised), "a", "b": [I, K] distancing pairs}; perms [2, I]: the CLUB
+    bound's permutations of the items, text's then image's (--dist mi; drawn from torch's global generator if not
+    given); fast: SoloSimLoss by its fast path. Returns (loss, {term: value}, the (x, y) pairs [2, I, K] the CLUB
+    estimator is fitted on, or None)."""
+    if (cfg.align != "none" or cfg.dist != "none") and not {"text", "image"} <= set(aux):
         raise ValueError(f"sand_loss: aux must hold the modalities 'text' and 'image' (got {sorted(aux)}): SoloSimLoss "
                          f"anchors the text view on the image view; name your two modalities so")
     t, v = aux.get("text"), aux.get("image")
     terms, pairs = dict(terms), None
     if cfg.align != "none":  # solo: z_m from the generic half; complete: from the whole of X_m
-        terms["solo"] = solo(t["z"], v["z"], cfg.tau)
+        terms["solo"] = (_solo_sim_loss_fast if fast else solo_sim_loss)(t["z"], v["z"], cfg.tau)
     if cfg.dist == "mi":  # text first, then image, as released
         if perms is None:
             perms = torch.stack([torch.randperm(len(t["a"]), device=t["a"].device) for _ in (t, v)])  # [2, I]
         a, b = torch.stack([t["a"], v["a"]]), torch.stack([t["b"], v["b"]])  # [2, I, K] each
         terms["club"] = club(a, b, perms).mean()  # [2] -> mean over the modalities
-        if cfg.club_fit == "cross":  # q(a_image | a_text) and q(b_image | b_text), as released
+        if cfg.club_fit == "cross":
+            # as released: q(a_image | a_text) and q(b_image | b_text), pairs across the modalities, while the bound
+            # reads q on the pairs within one (a_m, b_m). A q fitted on other pairs scores the true pairs no better
+            # than shuffled ones, so this bound is almost always clamped at 0 (the README's results measure it).
             pairs = torch.stack([t["a"], t["b"]]), torch.stack([v["a"], v["b"]])
-        else:  # q(b_m | a_m), the pairs the bound is applied to (the paper)
+        else:  # intra: q(b_m | a_m), the pairs the bound is applied to (the paper)
             pairs = a, b
     elif cfg.dist == "l2":
         terms["neg_l2"] = (neg_l2(t["a"], t["b"]) + neg_l2(v["a"], v["b"])) / 2
@@ -336,12 +391,22 @@ def sand_loss(cfg, terms, aux, club, perms=None, solo=solo_sim_loss):
 
 
 # ---------------------------------------------------------------------------------------------
-# The models
+# 4. The models
 
 def projection_head(d_in, hidden, d_out):
     """The alignment head, as released: Linear BN ReLU Linear BN ReLU Linear (its output is L2-normalised)."""
     return nn.Sequential(nn.Linear(d_in, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, hidden),
                          nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, d_out))
+
+
+def score(users, items, user, item=None):
+    """The prediction of every model here, score(u, i) = users[u] . items[i], from the embeddings of its forward():
+    user [B] and item [B] -> [B] (training's pairs); user [B] alone -> [B, I] (evaluation: every item).
+    Rows by F.embedding, not users[user]: a gather's backward adds with atomics on CPU (not repeatable)."""
+    u = F.embedding(user, users)  # [B, D]
+    if item is None:
+        return u @ items.T  # [B, I]
+    return (u * F.embedding(item, items)).sum(1)  # [B]
 
 
 class SAND(nn.Module):
@@ -355,13 +420,11 @@ class SAND(nn.Module):
     user = [w_u,image R_image[u] | w_u,text R_text[u]],  item = I0 + S I0 with I0 = [R_image[i] | R_text[i]],
     score = user . item. Alignment: SoloSim(z_text, z_image) with z_m = normalise(head_m(g_m)) (--align complete:
     head_m(X_m), no split, the complete alignment the paper argues against). Distancing on a_m = Linear(g_m),
-    b_m = Linear(u_m): CLUB(a_m, b_m) or -MSE(a_m, b_m)."""
-    lightgcn = staticmethod(lightgcn)  # the pieces that FastSAND replaces with their fast paths
-    solo_sim_loss = staticmethod(solo_sim_loss)
+    b_m = Linear(u_m): CLUB(a_m, b_m) or -MSE(a_m, b_m). `fast`: the fast paths where they apply (section 5)."""
 
-    def __init__(self, cfg, n_users, features, adjacency, item_item):
+    def __init__(self, cfg, n_users, features, adjacency, item_item, fast=True):
         super().__init__()
-        self.cfg, self.n_users = cfg, n_users
+        self.cfg, self.n_users, self.fast = cfg, n_users, fast
         for m in MODALITIES:  # frozen raw features [I, d_m]; constants, not saved in checkpoints
             self.register_buffer(f"feat_{m}", features[m], persistent=False)
         self.register_buffer("adj", adjacency, persistent=False)  # sparse CSR [U+I, U+I]
@@ -404,24 +467,22 @@ class SAND(nn.Module):
         """-> users [U, 128], items [I, 128], and per modality the parts of `modality` (if `parts`)."""
         r, aux = {}, {}
         for m in MODALITIES:
-            item, aux[m] = self.modality(m, parts)
+            if self.fast:  # the same outputs, X_m never formed
+                item, aux[m] = _composed_modality(self, m, parts)
+            else:
+                item, aux[m] = self.modality(m, parts)
             h0 = F.normalize(torch.cat([self.pref[m], item]), dim=1)  # [U+I, 64]
-            r[m] = self.lightgcn(self.adj, h0, self.cfg.n_layers)  # [U+I, 64]
+            r[m] = (_lightgcn_fast if self.fast else lightgcn)(self.adj, h0, self.cfg.n_layers)  # [U+I, 64]
         U = self.n_users
         users = torch.cat([self.user_weight[:, k, None] * r[m][:U] for k, m in enumerate(MODALITIES)], dim=1)  # [U, 128]
         items = torch.cat([r[m][U:] for m in MODALITIES], dim=1)  # [I, 128]
         items = items + self.item_item @ items  # [I, 128]: one hop on the frozen item-item graph
         return users, items, aux
 
-    @staticmethod
-    def score(users, items, user, item=None):
-        """The prediction, score(u, i) = users[u] . items[i], from the embeddings of forward():
-        user [B] and item [B] -> [B] (training's pairs); user [B] alone -> [B, I] (evaluation: every item).
-        Rows by F.embedding, not users[user]: a gather's backward adds with atomics on CPU (not repeatable)."""
-        u = F.embedding(user, users)  # [B, 128]
-        if item is None:
-            return u @ items.T  # [B, I]
-        return (u * F.embedding(item, items)).sum(1)  # [B]
+    score = staticmethod(score)
+
+    def new_epoch(self, generator):
+        """Nothing is drawn per epoch on this backbone (FREEDOM prunes its graph here)."""
 
     @torch.no_grad()
     def parts(self):
@@ -430,7 +491,7 @@ class SAND(nn.Module):
         those that the variant trains. In eval mode (BatchNorm on its running statistics)."""
         out = {}
         for m in MODALITIES:
-            aux = SAND.modality(self, m, parts=True)[1]  # the plain formulas, whatever the tier
+            aux = self.modality(m, parts=True)[1]  # the plain formulas, whatever the tier
             _, g, u = self.split(m)
             out.update({f"{m} g": g, f"{m} u": u, **{f"{m} {k}": v for k, v in aux.items()}})
         return out
@@ -439,7 +500,7 @@ class SAND(nn.Module):
         """Training loss for one BPR batch: BPR (log base 2), then sand_loss. -> (loss, terms, CLUB pairs)"""
         users, items, aux = self(parts=True)
         bpr = bpr_loss(self.score(users, items, user, pos), self.score(users, items, user, neg))
-        return sand_loss(self.cfg, {"bpr": bpr}, aux, club, perms, self.solo_sim_loss)
+        return sand_loss(self.cfg, {"bpr": bpr}, aux, club, perms, self.fast)
 
 
 class VBPRSAND(nn.Module):
@@ -453,13 +514,13 @@ class VBPRSAND(nn.Module):
     acts on the halves themselves (a_m = g_m, b_m = u_m). Loss: BPR (natural log, MMRec's BPRLoss) +
     reg_weight * emb_loss(batch rows) + sand_loss's terms. With --dist none --align none it is MMRec's
     plain VBPR: item = [E_i | Linear(d_text + d_image -> d)([f_text | f_image])]."""
-    solo_sim_loss = staticmethod(solo_sim_loss)  # FastVBPRSAND's fast path
-    score = staticmethod(SAND.score)
     split = SAND.split  # X_m and its halves
+    new_epoch = SAND.new_epoch
+    score = staticmethod(score)
 
-    def __init__(self, cfg, n_users, features):
+    def __init__(self, cfg, n_users, features, fast=True):
         super().__init__()
-        self.cfg, self.n_users, d = cfg, n_users, cfg.embed_dim
+        self.cfg, self.n_users, self.fast, d = cfg, n_users, fast, cfg.embed_dim
         self.vbpr_only = cfg.dist == "none" and cfg.align == "none"  # MMRec's plain VBPR
         for m in MODALITIES:  # frozen raw features [I, d_m]; constants, not saved in checkpoints
             self.register_buffer(f"feat_{m}", features[m], persistent=False)
@@ -512,19 +573,113 @@ class VBPRSAND(nn.Module):
         terms = {"bpr": bpr_loss((u * i).sum(1), (u * j).sum(1), base=math.e)}
         if self.cfg.reg_weight:
             terms["reg"] = emb_loss(u, i, j)
-        return sand_loss(self.cfg, terms, aux, club, perms, self.solo_sim_loss)
+        return sand_loss(self.cfg, terms, aux, club, perms, self.fast)
 
+
+class FREEDOMSAND(nn.Module):
+    """SAND on FREEDOM (Zhou et al., "A Tale of Two Graphs: Freezing and Denoising Graph Structures for Multimodal
+    Recommendation", MM 2023) as MMRec's FREEDOM (enoche/MMRec, src/models/freedom.py), with the alignment heads
+    of the authors' XFREEDOM (their FREEDOM+SAND log: 32 -> 33 -> 33 -> 63). d = embed_dim:
+        x_m = trs_m(F_m) [I, d],  g_m, u_m = x_m[:, :d/2], x_m[:, d/2:]     F_m the raw features, trainable
+        H = mean(H0, A H0, ..., A^L H0),  H0 = [E_user; E_item]             LightGCN, layers averaged, not summed
+        user = H[u],  item = H[i] + (S E_item)[i]                            S the frozen kNN item graph, one hop
+    A drops a share `edge_dropout` of its train edges anew each epoch (new_epoch), by degree; evaluation uses the
+    whole graph. Loss: BPR (natural log) + reg_weight * (BPR(user, x_text) + BPR(user, x_image)) + sand_loss's terms
+    on the halves: z_m = normalise(head_m(g_m)), distancing on a_m = g_m, b_m = u_m. The features x_m reach the score
+    only through reg_weight's terms, so at reg_weight 0 (the authors' setting) SAND's terms change no prediction."""
+    def __init__(self, cfg, n_users, features, train, adjacency, item_item, fast=True):
+        super().__init__()
+        self.cfg, self.n_users, self.fast, d = cfg, n_users, fast, cfg.embed_dim
+        n_items = features["text"].shape[0]
+        self.register_buffer("adj", adjacency, persistent=False)  # sparse CSR [U+I, U+I]: the whole graph
+        self.register_buffer("train_adj", adjacency, persistent=False)  # this epoch's pruned graph (new_epoch)
+        self.register_buffer("item_item", item_item, persistent=False)  # sparse CSR [I, I]
+        self.register_buffer("edges", train, persistent=False)  # [E, 2] the train interactions
+        weights = None if train is None else edge_values(train, n_users, n_items)  # [E]: kept by these odds
+        self.register_buffer("edge_weights", weights, persistent=False)
+        self.user = nn.Parameter(nn.init.xavier_uniform_(torch.empty(n_users, d)))
+        self.item = nn.Parameter(nn.init.xavier_uniform_(torch.empty(n_items, d)))
+        self.feat = nn.ParameterDict({m: nn.Parameter(features[m].clone()) for m in MODALITIES})  # trainable, as MMRec
+        self.trs = nn.ModuleDict({m: nn.Linear(features[m].shape[1], d) for m in MODALITIES})  # torch's init, as MMRec
+        if cfg.align != "none":  # SAND's modules last, so that FREEDOM's own initialisation is the same without them
+            head_in = d if cfg.align == "complete" else d // 2
+            self.head = nn.ModuleDict({m: projection_head(head_in, cfg.head_dim, cfg.align_dim) for m in MODALITIES})
+
+    score = staticmethod(score)
+
+    def new_epoch(self, generator):
+        """This epoch's training graph: FREEDOM's degree-sensitive edge pruning, drawn from `generator`."""
+        if self.cfg.edge_dropout > 0:
+            self.train_adj = pruned_adjacency(self.edges, self.edge_weights, self.n_users, len(self.item),
+                                              self.cfg.edge_dropout, generator)
+
+    def features(self):
+        """Per modality {"x": x_m [I, d], "z": the alignment view [I, align_dim], "a": g_m, "b": u_m [I, d/2]}."""
+        aux = {}
+        for m in MODALITIES:
+            x = self.trs[m](self.feat[m])  # [I, d]
+            g, u = x[:, :x.shape[1] // 2], x[:, x.shape[1] // 2:]
+            aux[m] = {"x": x, "a": g, "b": u}
+            if self.cfg.align != "none":
+                aux[m]["z"] = F.normalize(self.head[m](x if self.cfg.align == "complete" else g), dim=1)
+        return aux
+
+    def forward(self, parts=True):
+        """-> users [U, d], items [I, d], and (if `parts`) per modality the items' features of `features`."""
+        adj = self.train_adj if self.training else self.adj
+        h0 = torch.cat([self.user, self.item])  # [U+I, d]
+        n = self.cfg.n_layers
+        h = (_lightgcn_fast if self.fast else lightgcn)(adj, h0, n) / (n + 1)  # [U+I, d]: the mean of the layers
+        items = h[self.n_users:] + self.item_item @ self.item  # [I, d]: plus one hop of the IDs on the item graph
+        return h[:self.n_users], items, self.features() if parts else {}
+
+    @torch.no_grad()
+    def parts(self):
+        """The learned parts of every item, for the planted-factor diagnostic: per modality "<m> g", "<m> u" (the
+        halves of x_m, which are also the distancing pairs) and, with alignment, "<m> z"."""
+        aux = self.features()
+        return {f"{m} {k}": aux[m][name] for m in MODALITIES for k, name in (("g", "a"), ("u", "b"), ("z", "z"))
+                if name in aux[m]}
+
+    def loss(self, user, pos, neg, club, perms=None):
+        """Training loss for one BPR batch: BPR (natural log) + reg_weight * the features' BPR, then sand_loss.
+        At reg_weight 0 the features' BPR is left out: MMRec computes it times 0, whose gradient of 0 moves no
+        weight under Adam either."""
+        sand_terms = self.cfg.align != "none" or self.cfg.dist != "none"
+        users, items, aux = self(parts=sand_terms or self.cfg.reg_weight > 0)
+        u = F.embedding(user, users)  # [B, d]
+        bpr = lambda rows: bpr_loss((u * F.embedding(pos, rows)).sum(1), (u * F.embedding(neg, rows)).sum(1), base=math.e)
+        terms = {"bpr": bpr(items)}
+        if self.cfg.reg_weight:
+            terms["reg"] = bpr(aux["text"]["x"]) + bpr(aux["image"]["x"])
+        return sand_loss(self.cfg, terms, aux, club, perms, self.fast)
+
+
+def build_model(cfg, n_users, features, train=None, fast=True):
+    """-> (the model of a configuration, its CLUB estimator), initialised from torch's global generator. features
+    {modality: [I, d_m]}: the item-item graph is built on their device; train [E, 2]: the train interactions, from
+    which the backbone's graphs are built (None: no graphs, for counting parameters on the meta device)."""
+    pair_dim = cfg.dist_dim if cfg.backbone == "dragon" else cfg.embed_dim // 2  # the distancing pairs' width
+    if cfg.backbone == "vbpr":
+        model = VBPRSAND(cfg, n_users, features, fast)
+    else:
+        graphs = (None, None)
+        if train is not None:
+            graphs = (lightgcn_adjacency(train, n_users, len(features["text"])),
+                      item_graph(features["image"], features["text"], cfg.knn_k, cfg.image_weight))
+        model = (FREEDOMSAND(cfg, n_users, features, train, *graphs, fast) if cfg.backbone == "freedom"
+                 else SAND(cfg, n_users, features, *graphs, fast))
+    return model, CLUB(pair_dim, pair_dim, cfg.club_hidden)
 
 # =============================================================================================
-# Fast paths. Each one replaces one plain piece above, with the same inputs and outputs and the same
-# mathematics, and is tested equal to it up to float rounding (test_sand.py): the same formulas in another
-# order of operations, so not bitwise the same (the estimator's 3,000 Adam steps per epoch amplify the
-# difference, which is why its nll drifts between the tiers). Where a fast path does not apply (another
-# estimator, a learnable temperature) it runs the plain piece. Savings measured side by side, each piece
-# plain and fast in one run, at Baby's shapes (synthetic-baby) on 2 CPU cores, torch 2.13: forward and
-# backward of one batch, best of 3; an epoch is 60 batches, 51.6 s with every fast path (the README's Speed).
+# 5. Fast paths, private to the models above. Each replaces one plain piece with the same mathematics in fewer
+# operations (so the same numbers up to float rounding, not bit for bit: the estimator's 3,000 Adam steps per
+# epoch amplify the difference, which is why its nll drifts between the tiers), and is handed only what these
+# models build. Measured side by side with the plain piece at Baby's shapes (synthetic-baby) on 2 CPU cores,
+# torch 2.13, forward and backward of one batch, best of 3 (an epoch is 60 batches); tier_mismatch() at the end
+# checks each against its plain piece.
 
-# Largest temporary [rows, n_items] block of solo_sim_loss_fast and of evaluation scores, in float32
+# Largest temporary [rows, n_items] block of _solo_sim_loss_fast and of evaluation scores, in float32
 # elements, per device type. CPU: 4 MiB (blocks of 64 MiB were 1.5x to 1.7x slower, of 2 MiB or less
 # slower too). GPU: 64 MiB, so that a product is a few large kernels rather than dozens of small ones.
 CHUNK_ELEMENTS = {"cpu": 2 ** 20, "cuda": 2 ** 24}
@@ -533,6 +688,30 @@ CHUNK_ELEMENTS = {"cpu": 2 ** 20, "cuda": 2 ** 24}
 def chunk_rows(n, device):
     """Rows per temporary [rows, n] block on `device` (see CHUNK_ELEMENTS)."""
     return max(1, CHUNK_ELEMENTS.get(device.type, CHUNK_ELEMENTS["cpu"]) // n)
+
+
+def _composed_modality(model, m, parts):
+    """SAND.modality without forming X_m [I, d]: every consumer of X_m = f_m W^T + c is linear, so, stacked into
+    one weight V [k, d] (k = 256 + 64 + 32 + 32), the consumers read X_m V^T + e = f_m (V W)^T + (V c + e), which
+    costs k d^2 + I d k multiply-adds instead of I d^2 + I d k: for Baby's 4096-d images, 7x fewer. Saves 2.6 s
+    of 3.0 s per batch, both modalities forward and backward (155 s of a CPU epoch)."""
+    W, c = model.transform[m].weight, model.transform[m].bias  # [d, d], [d]
+    d, h = W.shape[0], W.shape[0] // 2  # g_m = X_m[:, :h], u_m = X_m[:, h:]
+    consumers = {"item": (model.mlp_in[m], 0, d)}  # name: (Linear, first and last column of X_m it reads)
+    if parts and model.cfg.align != "none":
+        consumers["z"] = (model.head[m][0], 0, d if model.cfg.align == "complete" else h)
+    if parts and model.cfg.dist != "none":
+        consumers["a"] = (model.to_a[m], 0, h)
+        consumers["b"] = (model.to_b[m], h, d)
+    # all consumers as one [k, d] weight on X_m (zero outside the columns each reads)
+    V = torch.cat([F.pad(lin.weight, (lo, d - hi)) for lin, lo, hi in consumers.values()])  # [k, d]
+    e = torch.cat([lin.bias for lin, _, _ in consumers.values()])  # [k]
+    y = torch.addmm(V @ c + e, getattr(model, f"feat_{m}"), (V @ W).T)  # [I, k] = X_m V^T + e
+    out = dict(zip(consumers, y.split([lin.out_features for lin, _, _ in consumers.values()], dim=1)))
+    item = model.mlp_out[m](F.leaky_relu(out.pop("item")))  # [I, 64]
+    if "z" in out:
+        out["z"] = F.normalize(model.head[m][1:](out["z"]), dim=1)  # [I, 32]: the head after its first Linear
+    return item, out
 
 
 class _SymmetricSparseMM(torch.autograd.Function):
@@ -549,10 +728,10 @@ class _SymmetricSparseMM(torch.autograd.Function):
         return None, _SymmetricSparseMM.apply(ctx.a, grad)
 
 
-def lightgcn_fast(adj, h0, n_layers):
-    """lightgcn, for the symmetric A that a LightGCN adjacency D^-1/2 (R + R^T) D^-1/2 is: each hop's
-    backward is a product with A itself. Saves 0.049 s of 0.063 s per propagation, of which a batch has one
-    per modality (6 s of a CPU epoch)."""
+def _lightgcn_fast(adj, h0, n_layers):
+    """lightgcn, for the symmetric A that a LightGCN adjacency D^-1/2 (R + R^T) D^-1/2 is: each hop's backward is
+    a product with A itself. Saves 0.049 s of 0.063 s per propagation, of which a batch has one per modality (6 s
+    of a CPU epoch)."""
     out, h = h0, h0
     for _ in range(n_layers):
         h = _SymmetricSparseMM.apply(adj, h)  # [N, D]
@@ -560,16 +739,10 @@ def lightgcn_fast(adj, h0, n_layers):
     return out
 
 
-def solo_sim_loss_fast(anchor, other, tau):
-    """solo_sim_loss with its gradient computed in the same pass as the loss, over row blocks of the
-    logits: no N x N matrix is kept (at Clothing's 26,071 items, autograd holds several of 2.7 GB each).
-    Saves 0.62 s of 0.71 s per batch (37 s of a CPU epoch). A learnable temperature (a tensor that needs
-    a gradient) runs the plain solo_sim_loss; a second derivative (create_graph=True) is refused."""
-    check_views("solo_sim_loss_fast", anchor, other, tau)
-    if torch.is_tensor(tau):
-        if tau.requires_grad:
-            return solo_sim_loss(anchor, other, tau)
-        tau = tau.detach().to(anchor.dtype).reshape(())  # a constant in the inputs' dtype
+def _solo_sim_loss_fast(anchor, other, tau):
+    """solo_sim_loss with its gradient computed in the same pass as the loss, over row blocks of the logits: no
+    N x N matrix is kept (at Clothing's 26,071 items, autograd holds several of 2.7 GB each). Saves 0.62 s of
+    0.71 s per batch (37 s of a CPU epoch). tau is a number (the models' setting)."""
     return _InfoNCE.apply(anchor, other, tau)
 
 
@@ -603,45 +776,18 @@ class _InfoNCE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        if torch.is_grad_enabled():  # create_graph=True: the gradient itself would be differentiated
-            raise RuntimeError("solo_sim_loss_fast has no second derivative (create_graph=True, e.g. a gradient "
-                               "penalty): use solo_sim_loss")
         d_anchor, d_other = ctx.saved_tensors
         return d_anchor * grad, d_other * grad, None
 
 
-def _is_plain_club(club):
-    """Is `club` exactly the CLUB above, the networks that fit_club_fast's gradient is written for? The
-    exact types (no subclass, no compiled wrapper), no hooks anywhere, every weight a trainable Parameter."""
-    layers = {"mu": [nn.Linear, nn.ReLU, nn.Linear], "logvar": [nn.Linear, nn.ReLU, nn.Linear, nn.Tanh]}
-    global_hooks = [getattr(torch.nn.modules.module, f"_global_{kind}_hooks", None)
-                    for kind in ("forward", "forward_pre", "backward", "backward_pre")]
-    if type(club) is not CLUB or any(global_hooks):
-        return False
-    for name, kinds in layers.items():
-        net = getattr(club, name, None)
-        if type(net) is not nn.Sequential or [type(layer) for layer in net] != kinds:
-            return False
-    hooked = lambda m: m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-    if any(hooked(m) for m in club.modules()):
-        return False
-    linears = [club.mu[0], club.mu[2], club.logvar[0], club.logvar[2]]
-    weights = [p for lin in linears for p in (lin.weight, lin.bias)]
-    return (all(isinstance(p, nn.Parameter) and p.requires_grad for p in weights)
-            and len(list(club.parameters())) == 8)  # those four Linears' weights and biases, nothing else
-
-
-def fit_club_fast(club, optimizer, x, y, steps):
-    """fit_club with the nll's gradient written out, both first layers in one matmul: a third of
-    autograd's kernels. Saves 0.15 s of 0.32 s per batch's 50 steps (9 s of a CPU epoch). Per step,
-    with r = mu - y, e = exp(-logvar) and N pairs per set,
+def _fit_club_fast(club, optimizer, x, y, steps):
+    """fit_club for the models' CLUB, with the nll's gradient written out, both first layers in one matmul: a third
+    of autograd's kernels. Saves 0.15 s of 0.32 s per batch's 50 steps (9 s of a CPU epoch). Per step, with
+    r = mu - y, e = exp(-logvar) and N pairs per set,
         nll = 1/N sum (r^2 e + logvar) / 2,  dnll/dmu = r e / N,  dnll/dlogvar = (1 - r^2 e) / (2N),
-    then back through tanh, Linear, ReLU, Linear. Anything but exactly this CLUB (another architecture, a
-    subclass, hooks, frozen weights; see _is_plain_club) runs fit_club, as does a call under inference_mode."""
-    if steps == 0 or not _is_plain_club(club) or torch.is_inference_mode_enabled():
+    then back through tanh, Linear, ReLU, Linear."""
+    if steps == 0:
         return fit_club(club, optimizer, x, y, steps)
-    check_estimator_optimizer(club, optimizer)
-    check_pairs("fit_club_fast", x, y)
     n = x.shape[-2]  # pairs per set: the nll is a sum over the sets of their means
     x, y = x.detach().reshape(-1, x.shape[-1]), y.detach().reshape(-1, y.shape[-1])  # [S N, D]: sets stacked
     weights = [p for lin in (club.mu[0], club.mu[2], club.logvar[0], club.logvar[2]) for p in (lin.weight, lin.bias)]
@@ -669,36 +815,86 @@ def fit_club_fast(club, optimizer, x, y, steps):
     return (r * re + logvar).sum() / (2 * n)  # the last step's nll (before its update)
 
 
-class FastVBPRSAND(VBPRSAND):
-    """VBPRSAND with solo_sim_loss_fast (its other pieces are small)."""
-    solo_sim_loss = staticmethod(solo_sim_loss_fast)
+def tier_mismatch(cfg, widths, n_users=30, n_items=40):
+    """Does each fast path compute what the plain piece it replaces computes, as they stand now? On a small random
+    instance of configuration `cfg` (the feature widths {modality: d_m}, n_users users, n_items items), in float64:
+    the pieces that this configuration runs, each plain against fast on the same inputs (outputs and every
+    gradient; three estimator steps), then the model's whole loss and every gradient with either tier. -> None if
+    all agree to within float64 rounding, else one line that names the first piece that differs. train.py runs it
+    before it trains on the fast tier, so that an edit to a plain piece never goes silently unused; the tests run
+    it on every variant."""
+    with torch.random.fork_rng(devices=[]):  # torch's global generator is left as it was
+        torch.manual_seed(0)
+        features = {m: torch.randn(n_items, widths[m], dtype=torch.float64) for m in MODALITIES}
+        train = torch.stack([torch.arange(n_users).repeat(3), torch.randint(n_items, (3 * n_users,))], 1)  # [3U, 2]
+        model, club = build_model(cfg, n_users, features, train, fast=False)
+        model, club = model.double(), club.double()
+        with torch.no_grad():  # q off its trivial start, so that the bound is not clamped at 0
+            for p in club.parameters():
+                p.add_(0.3 * torch.randn_like(p))
+        user, pos, neg = train[:, 0], train[:, 1], torch.randint(n_items, (len(train),))
+        perms = torch.stack([torch.randperm(n_items) for _ in MODALITIES])  # [2, I]
+        params = [p for p in model.parameters()]
+        h0 = torch.randn(n_users + n_items, 8, dtype=torch.float64, requires_grad=True)
+        views = [F.normalize(torch.randn(n_items, 8, dtype=torch.float64), dim=1).requires_grad_() for _ in range(2)]
+        pairs = [torch.randn(2, n_items, club.mu[0].in_features, dtype=torch.float64) for _ in range(2)]
+        pairs[1] = pairs[1] + pairs[0]  # dependent, so that the fit moves
+
+        def grads(out, inputs):  # the outputs, and the gradients of a fixed random mix of them
+            mix = sum((o * torch.randn(o.shape, generator=torch.Generator().manual_seed(k), dtype=o.dtype)).sum()
+                      for k, o in enumerate(out))
+            return list(out) + list(torch.autograd.grad(mix, inputs, allow_unused=True))
+
+        def fit(f):
+            q = copy.deepcopy(club)
+            nll = f(q, torch.optim.Adam(q.parameters(), lr=1e-2), *pairs, 3)
+            return [nll] + [p.detach() for p in q.parameters()]
+
+        def whole(fast):
+            model.fast = fast
+            torch.manual_seed(1)  # the same dropout masks (VBPR) in either tier
+            loss, terms, _ = model.loss(user, pos, neg, club, perms)
+            return grads([loss, *terms.values()], params)
+
+        def modality(fast):
+            out = [_composed_modality(model, m, True) if fast else model.modality(m, True) for m in MODALITIES]
+            return grads([t for item, aux in out for t in (item, *aux.values())], params)
+        checks = []  # (plain piece, its fast path, the outputs of either), in the order the model runs them
+        if cfg.backbone != "vbpr":
+            checks.append(("lightgcn", "_lightgcn_fast",
+                           lambda fast: grads([(_lightgcn_fast if fast else lightgcn)(model.adj, h0, 2)], [h0])))
+        if cfg.align != "none":
+            checks.append(("solo_sim_loss", "_solo_sim_loss_fast",
+                           lambda fast: grads([(_solo_sim_loss_fast if fast else solo_sim_loss)(*views, cfg.tau)], views)))
+        if cfg.dist == "mi":
+            checks.append(("fit_club", "_fit_club_fast", lambda fast: fit(_fit_club_fast if fast else fit_club)))
+        checks.append((f"{type(model).__name__}.loss", "its fast tier", whole))  # and how the model uses them
+        for plain, fast, run in checks:
+            why = _differ(plain, fast, run)
+            if why and cfg.backbone == "dragon" and run is whole:  # name the piece if it is the feature transform's
+                why = _differ("SAND.modality", "_composed_modality", modality) or why
+            if why:
+                return why
+    return None
 
 
-class FastSAND(SAND):
-    """SAND with every fast path: the same parameters (a checkpoint of one loads into the other) and
-    the same results up to float rounding. Besides lightgcn_fast and solo_sim_loss_fast, it rewrites
-    SAND.modality: every consumer of X_m = f_m W^T + c is linear, so X_m [I, d] is never formed. Stacked
-    into one weight V [k, d] (k = 256 + 64 + 32 + 32), the consumers read X_m V^T + e = f_m (V W)^T + (V c + e),
-    which costs k d^2 + I d k multiply-adds instead of I d^2 + I d k: for Baby's 4096-d images, 7x fewer.
-    Saves 2.6 s of 3.0 s per batch, both modalities forward and backward (155 s of a CPU epoch)."""
-    lightgcn = staticmethod(lightgcn_fast)
-    solo_sim_loss = staticmethod(solo_sim_loss_fast)
-
-    def modality(self, m, parts):
-        W, c = self.transform[m].weight, self.transform[m].bias  # [d, d], [d]
-        d, h = W.shape[0], W.shape[0] // 2  # g_m = X_m[:, :h], u_m = X_m[:, h:]
-        consumers = {"item": (self.mlp_in[m], 0, d)}  # name: (Linear, first and last column of X_m it reads)
-        if parts and self.cfg.align != "none":
-            consumers["z"] = (self.head[m][0], 0, d if self.cfg.align == "complete" else h)
-        if parts and self.cfg.dist != "none":
-            consumers["a"] = (self.to_a[m], 0, h)
-            consumers["b"] = (self.to_b[m], h, d)
-        # all consumers as one [k, d] weight on X_m (zero outside the columns each reads)
-        V = torch.cat([F.pad(lin.weight, (lo, d - hi)) for lin, lo, hi in consumers.values()])  # [k, d]
-        e = torch.cat([lin.bias for lin, _, _ in consumers.values()])  # [k]
-        y = torch.addmm(V @ c + e, getattr(self, f"feat_{m}"), (V @ W).T)  # [I, k] = X_m V^T + e
-        out = dict(zip(consumers, y.split([lin.out_features for lin, _, _ in consumers.values()], dim=1)))
-        item = self.mlp_out[m](F.leaky_relu(out.pop("item")))  # [I, 64]
-        if "z" in out:
-            out["z"] = F.normalize(self.head[m][1:](out["z"]), dim=1)  # [I, 32]: the head after its first Linear
-        return item, out
+def _differ(plain, fast, run):
+    """None if run(False) and run(True) give the same tensors to within float64 rounding, else why not, in a line."""
+    out = []
+    for tier, name in ((False, plain), (True, fast)):
+        try:
+            out.append(run(tier))
+        except Exception as e:
+            return (f"sand.py's {name} fails on a small random instance of this configuration ({type(e).__name__}: "
+                    f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}): fix it"
+                    + (", or run train.py with --plain" if tier else ""))
+    out = [[t if t is None else t.detach() for t in ts] for ts in out]
+    scale = max([float(b.abs().max()) for b in out[0] if b is not None and b.numel()] + [1e-300])
+    for a, b in zip(*out):
+        if (a is None) != (b is None) or (a is not None and (a.shape != b.shape or
+                                                             float((a - b).abs().max()) > 1e-9 * scale)):
+            off = "" if a is None or b is None or a.shape != b.shape else f" by {float((a - b).abs().max()) / scale:.1e} of its scale"
+            return (f"sand.py's {plain} and its fast path {fast} no longer compute the same on a small random instance "
+                    f"of this configuration (an output or gradient differs{off}): run train.py with --plain, or bring "
+                    f"{fast} in line with {plain}")
+    return None

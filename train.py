@@ -34,8 +34,7 @@ import torch
 
 import data
 import sand
-from sand import (BACKBONE_DEFAULTS, CLUB, MODALITIES, PLAIN_VBPR_DEFAULTS, SAND, VBPRSAND, FastSAND, FastVBPRSAND,
-                  SANDConfig, chunk_rows, fit_club, fit_club_fast, item_graph, lightgcn_adjacency, option)
+from sand import BACKBONES, MODALITIES, SANDConfig, chunk_rows, fit_club, option
 
 KS = (10, 20)  # Recall@K and NDCG@K
 
@@ -53,9 +52,9 @@ class TrainConfig:
     patience: int = option(20, "early stopping: stop once valid Recall@20 has gone more than this many epochs "
                            "without improving (MMRec's rule: 20 stops at the 21st)", min=0, max=10 ** 9)
     batch_size: int = option(2048, "BPR triples per training batch", min=1, max=2 ** 31 - 1)
-    lr: float = option(1e-4, "Adam learning rate (model and CLUB estimator)", above=0)
-    plain: bool = option(False, "run sand.py's plain tier (SAND and fit_club: autograd, X_m formed) instead of "
-                         "its fast paths (FastSAND, fit_club_fast), and on a GPU without CUDA graphs: the same "
+    lr: float = option(1e-4, "Adam learning rate (model and CLUB estimator)", above=0, vbpr=1e-3, freedom=1e-3)
+    plain: bool = option(False, "run sand.py's plain tier (autograd, X_m formed) instead of its fast paths "
+                         "(section 5 of sand.py), and on a GPU without CUDA graphs: the same "
                          "mathematics, other float rounding; slower")
     out: str = option("", "run folder (default: runs/<dataset>-<dist>-seed<seed>, then -setting=value for each "
                       "other setting not at its default)")
@@ -217,9 +216,9 @@ def most_popular(ds, device):
 # ---------------------------------------------------------------------------------------------
 # 3. One training step
 
-def train_step(model, club, opt, club_opt, batch, hp, fit=fit_club_fast, lap=lambda phase: None):
+def train_step(model, club, opt, club_opt, batch, hp, lap=lambda phase: None):
     """One step on a batch (users, positives, negatives [B] each, the CLUB bound's permutations [2, I] or
-    None); `hp` is the model's SANDConfig, `fit` fit_club or its fast path, `lap` a timer (--profile).
+    None); `hp` is the model's SANDConfig, `lap` a timer (--profile).
     -> the loss terms {name: tensor}.
     The objective (sand.sand_loss): L = BPR + alpha * SoloSim + (ureg * CLUB  or  w_l2 * negL2)."""
     user, pos, neg, perms = batch
@@ -232,6 +231,7 @@ def train_step(model, club, opt, club_opt, batch, hp, fit=fit_club_fast, lap=lam
     lap("backward")
     # 3. --dist mi: the estimator q takes its steps on the detached pairs, between backward and step (released)
     if pairs is not None:
+        fit = sand._fit_club_fast if model.fast else fit_club  # the model's tier
         terms["club_nll"] = fit(club, club_opt, *pairs, hp.club_steps)
         lap("estimator")
     # 4. the model's optimizer step
@@ -284,13 +284,14 @@ def fit(cfg, ds, device, out, resume=None, log=print):
     """Train on `ds` with early stopping on valid Recall@20, in run folder `out`: a new run, or the one
     that checkpoint `resume` continues. -> (results, the model at its best epoch, the evaluator)"""
     t = cfg.train
+    if not t.plain:  # the fast tier must compute what the plain code says, as it stands now
+        check_tiers(cfg.sand, ds, log)
     model, club, opt, club_opt = build(cfg, ds, device, t.seed)
     sampler = BPRSampler(torch.from_numpy(ds.train).to(device), ds.n_items,
                          torch.Generator(device=device).manual_seed(t.seed))
     evaluator = make_evaluator(ds, device)
     timer = Timer(device, sync=t.profile)
-    step = functools.partial(train_step, model, club, opt, club_opt, hp=cfg.sand,
-                             fit=fit_club if t.plain else fit_club_fast, lap=timer.lap)
+    step = functools.partial(train_step, model, club, opt, club_opt, hp=cfg.sand, lap=timer.lap)
     if device.type == "cuda" and not (t.plain or t.profile):
         step = CUDAGraphed(step, [opt, club_opt])  # the same step, recorded once and replayed
     with Run(cfg, ds, out, log) as run:
@@ -313,6 +314,17 @@ def fit(cfg, ds, device, out, resume=None, log=print):
             run.end_epoch(p, terms, metrics, improved, t1 - t0, t2 - t1, timer)  # metrics.csv, checkpoints, log
         results = run.finish(p, model, evaluator)  # last.pt, best.pt, results.json; the model back at its best epoch
     return results, model, evaluator
+
+
+def check_tiers(hp, ds, log):
+    """Stop with one line if a fast path no longer computes what its plain piece does (sand.tier_mismatch)."""
+    STATUS.show("checking the fast tier against the plain one ...")
+    t0 = time.perf_counter()
+    why = sand.tier_mismatch(hp, {"image": ds.image.shape[1], "text": ds.text.shape[1]})
+    if why:
+        raise UsageError(why)
+    log(f"the fast tier computes what the plain one does on a small instance of this configuration "
+        f"({time.perf_counter() - t0:.1f} s)")
 
 
 def finite(terms, *modules):
@@ -425,12 +437,10 @@ def flag(name):
 
 
 def variant_defaults(backbone, dist, align):
-    """{setting: default} where the variant's default differs from its field's: the VBPR backbone's
-    (sand.BACKBONE_DEFAULTS), and plain VBPR's (sand.PLAIN_VBPR_DEFAULTS)."""
-    out = dict(BACKBONE_DEFAULTS.get(backbone, {}))
-    if backbone == "vbpr" and dist == align == "none":
-        out |= PLAIN_VBPR_DEFAULTS
-    return out
+    """{setting: default} where the variant's default differs from its field's: the backbone's own, given in
+    the field (option(..., vbpr=...)), and plain VBPR's (plain_vbpr=...)."""
+    keys = [backbone] + (["plain_" + backbone] if dist == align == "none" else [])
+    return {name: f.metadata[k] for name, f in FIELDS.items() for k in keys if k in f.metadata}
 
 
 def make_config(given=None, **settings):
@@ -441,7 +451,7 @@ def make_config(given=None, **settings):
         raise TypeError(f"make_config: no setting {', '.join(sorted(unknown))}")
     backbone = settings.get("backbone", SANDConfig.backbone)
     pick = lambda name, extra: settings.get(name, extra.get(name, FIELDS[name].default))
-    first = BACKBONE_DEFAULTS.get(backbone, {})
+    first = variant_defaults(backbone, None, None)
     defaults = variant_defaults(backbone, pick("dist", first), pick("align", first))
     values = {name: pick(name, defaults) for name in FIELDS}
     return RunConfig(SANDConfig(**{f.name: values[f.name] for f in dataclasses.fields(SANDConfig)}),
@@ -537,17 +547,19 @@ def memory_needed(cfg, ds):
     the meta device to count its parameters: nothing is allocated."""
     dims = {"image": ds.image.shape[1], "text": ds.text.shape[1]}
     with torch.device("meta"):
-        feats = {m: torch.empty(ds.n_items, d) for m, d in dims.items()}
-        model = (VBPRSAND(cfg.sand, ds.n_users, feats) if cfg.sand.backbone == "vbpr"
-                 else SAND(cfg.sand, ds.n_users, feats, None, None))
-    params = dict(model.named_parameters())
+        model, club = sand.build_model(cfg.sand, ds.n_users, {m: torch.empty(ds.n_items, d) for m, d in dims.items()})
+    params = {**dict(model.named_parameters()), **{f"club.{k}": p for k, p in club.named_parameters()}}
     n = sum(p.numel() for p in params.values())
     need = 16 * n + 4 * ds.n_items * sum(dims.values())
     if cfg.train.plain:
         need += 2 * 4 * ds.n_items * sum(dims.values()) + (3 * 4 * ds.n_items ** 2 if cfg.sand.align != "none" else 0)
     largest = max(params, key=lambda k: params[k].numel())
-    return need, (f"{n:,} parameters, each with its gradient and Adam's two moments; the largest, {largest}, is "
-                  f"{' x '.join(map(str, params[largest].shape))}")
+    what = (f"{n:,} parameters, each with its gradient and Adam's two moments; the largest, {largest}, is "
+            f"{' x '.join(map(str, params[largest].shape))}")
+    if cfg.sand.dist == "mi":  # the estimator's hidden activations, both networks on both sets of pairs, and theirs
+        need += 4 * 4 * 2 * ds.n_items * 2 * cfg.sand.club_hidden  # gradients, the ReLU masks, the fast path's buffers
+        what += f"; the CLUB estimator's activations, 2 x {ds.n_items} pairs through --club-hidden {cfg.sand.club_hidden}"
+    return need, what
 
 
 def memory_available(device):
@@ -583,18 +595,11 @@ def resolve_device(name):
 def build(cfg, ds, device, seed):
     """Model, CLUB estimator and their optimizers, initialised from `seed`."""
     torch.manual_seed(seed)
-    features = {"image": torch.from_numpy(ds.image), "text": torch.from_numpy(ds.text)}
-    if cfg.sand.backbone == "vbpr":
-        model = (VBPRSAND if cfg.train.plain else FastVBPRSAND)(cfg.sand, ds.n_users, features).to(device)
-        pair_dim = cfg.sand.embed_dim // 2  # the distancing pairs are the halves themselves
-    else:
-        adjacency = lightgcn_adjacency(torch.from_numpy(ds.train), ds.n_users, ds.n_items)
+    features = {m: torch.from_numpy(getattr(ds, m)).to(device) for m in MODALITIES}
+    if cfg.sand.backbone != "vbpr":
         STATUS.show(f"building the item-item kNN graph of {ds.n_items} items ...")
-        graph = item_graph(features["image"].to(device), features["text"].to(device), cfg.sand.knn_k,
-                           cfg.sand.image_weight)
-        model = (SAND if cfg.train.plain else FastSAND)(cfg.sand, ds.n_users, features, adjacency, graph).to(device)
-        pair_dim = cfg.sand.dist_dim
-    club = CLUB(pair_dim, cfg.sand.club_hidden).to(device)
+    model, club = sand.build_model(cfg.sand, ds.n_users, features, torch.from_numpy(ds.train), fast=not cfg.train.plain)
+    model, club = model.to(device), club.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, fused=True)
     club_opt = torch.optim.Adam(club.parameters(), lr=cfg.train.lr, fused=True)
     return model, club, opt, club_opt
@@ -1508,9 +1513,9 @@ def parser():
                 g.add_argument(flag(f.name), nargs=f.metadata["nargs"], help=f.metadata["help"],
                                metavar=f.metadata["metavar"])
             else:
-                others = "".join(f"; --backbone {b}: {d[f.name]}" for b, d in BACKBONE_DEFAULTS.items() if f.name in d)
-                if f.name in PLAIN_VBPR_DEFAULTS:
-                    others += f"; plain VBPR (--backbone vbpr --dist none --align none): {PLAIN_VBPR_DEFAULTS[f.name]}"
+                others = "".join(f"; --backbone {b}: {f.metadata[b]}" for b in BACKBONES if b in f.metadata)
+                if "plain_vbpr" in f.metadata:
+                    others += f"; plain VBPR (--backbone vbpr --dist none --align none): {f.metadata['plain_vbpr']}"
                 shown = f" (default: {f.default}{others})" if f.default != "" else ""
                 g.add_argument(flag(f.name), type=f.type, help=f.metadata["help"] + shown,
                                choices=f.metadata.get("choices"))
