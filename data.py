@@ -74,7 +74,7 @@ def read_inter(path):
     try:
         with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Windows editors) is not part of userID
             header = f.readline().rstrip("\r\n").split("\t")
-            lines = f.read().splitlines()
+            lines = f.read().split("\n")  # not splitlines(): a text field may hold U+2028 and other line breaks
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not a text file in UTF-8 ({e.reason} at byte {e.start})") from None
     need = ("userID", "itemID", "x_label")
@@ -86,9 +86,10 @@ def read_inter(path):
     if twice:
         raise DataError(f"{path}: the header names {twice} twice")
     cols = [header.index(c) for c in need]
-    integer = re.compile(r"-?[0-9]{1,18}")  # ASCII digits only (str.isdigit also takes '²'); up to 18 fit int64
+    integer = re.compile(r"-?[0-9]+")  # ASCII digits only (str.isdigit also takes '²')
     out = [[], [], []]
     for n, line in enumerate(lines, start=2):  # n: the line's number in the file
+        line = line.rstrip("\r")
         if not line.strip():
             continue
         fields = line.split("\t")
@@ -97,29 +98,43 @@ def read_inter(path):
         for values, c, col in zip(out, need, cols):
             v = fields[col].strip(" ")
             if not integer.fullmatch(v):
-                if re.fullmatch(r"-?[0-9]+", v):
-                    raise DataError(f"{path}:{n}: {c} {v} is too large for an id")
-                raise DataError(f"{path}:{n}: {c} {v!r} is not an integer")
+                raise DataError(f"{path}:{n}: {c} {shown(v)} is not an integer")
+            if abs(int(v)) >= 2 ** 62:
+                raise DataError(f"{path}:{n}: {c} {shown(v)} is too large for an id; ids must be 0-based and dense")
             values.append((int(v), n))
     if not out[0]:
         raise DataError(f"{path}: no interactions below the header")
     arrays = []
     for values, c in zip(out, need):
         a = np.array([v for v, _ in values], dtype=np.int64)
-        if (a < 0).any():
+        if c != "x_label" and (a < 0).any():
             bad = int(np.flatnonzero(a < 0)[0])
             raise DataError(f"{path}:{values[bad][1]}: {c} {a[bad]} is negative; ids must be 0-based")
         arrays.append(a)
     user, item, label = arrays
-    bad = np.flatnonzero(label > 2)
+    bad = np.flatnonzero((label < 0) | (label > 2))
     if len(bad):
         raise DataError(f"{path}:{out[2][bad[0]][1]}: x_label {label[bad[0]]} is not 0 (train), 1 (valid) or 2 (test)")
     return user, item, label
 
 
-def read_features(path, n_items):
-    """Read a feature matrix [n_items, d] from a .npy file -> float32, validated. The header is read and
-    checked first (shape, dtype, the file's size), so that a bad file never gets as far as an allocation."""
+def shown(text, limit=40):
+    """A value from a data file as an error message shows it: quoted, and cut short if long."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text):,} characters)"
+
+
+def memory_available():
+    """Bytes of memory free on this machine (None if unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def feature_header(path, n_items):
+    """A feature file's shape [n_items, d] and dtype from its .npy header, checked against the file's size before
+    anything is allocated."""
     try:
         with open(path, "rb") as f:
             version = np.lib.format.read_magic(f)
@@ -140,6 +155,16 @@ def read_features(path, n_items):
     if size != want:
         raise DataError(f"{path}: its header promises {shape} {dtype} ({want} bytes), but the file has {size} "
                         f"bytes: it is truncated or not what it says")
+    have, need = memory_available(), shape[0] * shape[1] * (4 + (dtype.itemsize if dtype != np.float32 else 0))
+    if have is not None and need > have:
+        raise DataError(f"{path}: {shape[0]} x {shape[1]} {dtype} values need {need / 2 ** 30:.1f} GiB to read as float32, "
+                        f"more than the {have / 2 ** 30:.1f} GiB of memory available")
+    return shape
+
+
+def read_features(path, n_items):
+    """Read a feature matrix [n_items, d] from a .npy file -> float32, validated (feature_header first)."""
+    feature_header(path, n_items)
     try:
         feat = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
@@ -157,10 +182,6 @@ def from_interactions(name, user, item, label, image, text, n_users=None, n_item
     """Assemble and check a Dataset from flat (user, item, x_label) arrays."""
     n_users = int(user.max()) + 1 if n_users is None else n_users
     n_items = int(item.max()) + 1 if n_items is None else n_items
-    seen = len(np.unique(user))
-    if n_users > 10 * seen:  # every user id below the largest gets a learned row: raw ids would not fit in memory
-        raise DataError(f"dataset '{name}': userID goes up to {n_users - 1} but only {seen} distinct users occur; "
-                        f"ids must be 0-based and dense, as in MMRec's files: remap them to 0..{seen - 1}")
     pairs = np.stack([user, item], axis=1).astype(np.int64)
     parts = {s: pairs[label == k] for k, s in enumerate(SPLITS)}
     if len(parts["train"]) == 0:
@@ -183,17 +204,31 @@ def from_interactions(name, user, item, label, image, text, n_users=None, n_item
         if len(zero):
             notes.append(f"{m} features: {len(zero)} all-zero rows (items {', '.join(map(str, zero[:5]))}"
                          f"{', ...' if len(zero) > 5 else ''}): similarity 0 to every item in the kNN graph")
+        top = float(np.abs(feat).max())
+        if top > 1e4:
+            notes.append(f"{m} features reach {top:.1e} in absolute value: training may overflow (a loss or weight "
+                         f"that is not finite); scale them first, e.g. each row to unit length")
     return Dataset(name, n_users, n_items, parts["train"], parts["valid"], parts["test"],
                    image, text, factors, notes)
 
 
-def load_mmrec(data_dir, name):
+def load_mmrec(data_dir, name, fits=None):
+    """<data_dir>/<name>/ in MMRec's format; fits(n_users, n_items, {"image": d, "text": d}), if given, is called
+    once the sizes are known, before the feature files are read (train.py's memory estimate)."""
     folder = os.path.join(data_dir, name)
     paths = [os.path.join(folder, f) for f in (f"{name}.inter", "image_feat.npy", "text_feat.npy")]
     if not all(os.path.isfile(p) for p in paths):
         raise DataError(_missing_help(folder, name))
     user, item, label = read_inter(paths[0])
+    for ids, what in ((user, "userID"), (item, "itemID")):
+        seen = len(np.unique(ids))
+        if ids.max() >= 10 * seen:  # every id below the largest gets a learned row: raw ids would not fit in memory
+            raise DataError(f"{paths[0]}: {what} goes up to {ids.max()} but only {seen} distinct ones occur; ids must "
+                            f"be 0-based and dense, as in MMRec's files: remap them to 0..{seen - 1}")
     n_items = int(item.max()) + 1
+    widths = {m: feature_header(p, n_items)[1] for m, p in zip(("image", "text"), paths[1:])}
+    if fits:
+        fits(int(user.max()) + 1, n_items, widths)
     image, text = (read_features(p, n_items) for p in paths[1:])
     return from_interactions(name, user, item, label, image, text)
 
@@ -216,20 +251,30 @@ os.umask(UMASK)
 
 
 def atomic_write(path, content, mode="w"):
-    """Write to a temporary file of a name of its own beside `path`, then rename: an interrupted write
-    never leaves a half-written file, and two writers never share a temporary file. The folder is made if
-    it does not exist."""
-    folder, name = os.path.split(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
+    """Write `content` (text, or a function of the open file) to `path` whole: write_together() of one file."""
+    write_together({path: (content, mode)})
+
+
+def write_together(files):
+    """Write {path: (content, mode)}, each to a temporary file of a name of its own beside it, then rename them all
+    into place: an interrupted or failed write (a full disk) leaves every file as it was, and two writers never
+    share a temporary file. Folders are made if they do not exist."""
+    staged = []
     try:
-        os.chmod(tmp, 0o666 & ~UMASK)  # as open() would make it (mkstemp makes it private)
-        with os.fdopen(fd, mode) as f:
-            content(f) if callable(content) else f.write(content)
-        os.replace(tmp, path)
+        for path, (content, mode) in files.items():
+            folder, name = os.path.split(os.path.abspath(path))
+            os.makedirs(folder, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
+            staged.append((tmp, path))
+            os.chmod(tmp, 0o666 & ~UMASK)  # as open() would make it (mkstemp makes it private)
+            with os.fdopen(fd, mode) as f:
+                content(f) if callable(content) else f.write(content)
+        for tmp, path in staged:
+            os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        for tmp, _ in staged:
+            if os.path.exists(tmp):
+                os.remove(tmp)
         raise
 
 
@@ -341,11 +386,14 @@ def make_synthetic(name="synthetic", seed=0, spec=None):
                              len(u_ids), len(i_ids), factors)
 
 
-def load_dataset(name, data_dir="data", seed=0):
-    """A built-in dataset by name (made from `seed`), else <data_dir>/<name>/ in MMRec's format."""
-    if name in BUILTIN:
-        return make_synthetic(name, seed)
-    return load_mmrec(data_dir, name)
+def load_dataset(name, data_dir="data", seed=0, fits=None):
+    """A built-in dataset by name (made from `seed`), else <data_dir>/<name>/ in MMRec's format (load_mmrec)."""
+    if name not in BUILTIN:
+        return load_mmrec(data_dir, name, fits)
+    ds = make_synthetic(name, seed)
+    if fits:
+        fits(ds.n_users, ds.n_items, {"image": ds.image.shape[1], "text": ds.text.shape[1]})
+    return ds
 
 
 def main():

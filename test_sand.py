@@ -8,6 +8,8 @@ import math
 import os
 import pty
 import re
+import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,37 +32,78 @@ from sand import _fit_club_fast, _lightgcn_fast, _solo_sim_loss_fast  # the fast
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = data.SyntheticSpec(n_users=500, n_items=250, d_image=48, d_text=24, k_generic=4, k_unique=4)
+HEADER = "userID\titemID\trating\ttimestamp\tx_label\n"
+TIMING = ("train_s_per_epoch", "eval_s_per_epoch", "peak_memory_gib")
+quiet = lambda *_: None
 
 
 def tiny(seed=0):
     return data.make_synthetic("tiny", seed, TINY)
 
 
-def tiny_named(name="tiny"):
-    """The tiny dataset as tiny_run() writes it to disk (its name is part of its summary)."""
-    ds = tiny()
-    ds.name = name
-    return ds
-
-
 def run_cfg(**kw):
     return train.make_config(**kw)
 
 
-# ---------------------------------------------------------------------------------------------
-# Data
+def tiny_run(tmp_path, **kw):
+    """Settings of a quick run on the tiny dataset, written as an MMRec folder tmp_path/data/tiny/ (2 estimator
+    steps per batch where the variant has an estimator)."""
+    data.write_mmrec(tiny(), str(tmp_path / "data"))
+    settings = {"dataset": "tiny", "data_dir": str(tmp_path / "data"), "batch_size": 512, **kw}
+    if "club_steps" not in sand.unread(run_cfg(**settings).sand):
+        settings.setdefault("club_steps", 2)
+    return settings
+
 
 def write_folder(tmp_path, name="toy", inter=None, image=None, text=None):
+    """A small dataset in MMRec's format, tmp_path/<name>/: 4 users with 2 train, 1 valid and 1 test item each."""
     folder = tmp_path / name
     folder.mkdir(parents=True, exist_ok=True)
     if inter is None:
         rows = [(u, i, lab) for u in range(4) for i, lab in ((u, 0), (u + 1, 0), (u + 2, 1), (u + 3, 2))]
-        inter = "userID\titemID\trating\ttimestamp\tx_label\n" + "".join(f"{u}\t{i}\t5.0\t1\t{x}\n" for u, i, x in rows)
+        inter = HEADER + "".join(f"{u}\t{i}\t5.0\t1\t{x}\n" for u, i, x in rows)
     (folder / f"{name}.inter").write_text(inter)
     np.save(folder / "image_feat.npy", np.ones((7, 6)) if image is None else image)
     np.save(folder / "text_feat.npy", np.ones((7, 4)) if text is None else text)
     return str(tmp_path)
 
+
+def cli(args, tmp_path, monkeypatch, capsys):
+    """train.py's command line, in this process (faster than a subprocess), from tmp_path -> (exit code, stderr)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(train.INTERRUPTS, "install", lambda: None)  # leave pytest's own signal handlers alone
+    capsys.readouterr()
+    try:
+        train.main([str(a) for a in args])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def one_line_error(args, tmp_path, monkeypatch, capsys, expect):
+    code, err = cli(args, tmp_path, monkeypatch, capsys)
+    assert code == 2 and err.count("\n") == 1 and err.startswith("train.py: error: "), err
+    assert expect in err, err
+
+
+def files_of(folder):
+    """{path under folder: content} of every file below it."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def rows_of(path, timing=False):
+    """metrics.csv's rows (without the seconds columns, which differ from run to run, unless `timing`)."""
+    with open(path, newline="") as f:
+        return [{k: v for k, v in r.items() if timing or not k.endswith("_s")} for r in csv.DictReader(f)]
+
+
+def same_results(a, b):
+    return {k: v for k, v in a.items() if k not in TIMING} == {k: v for k, v in b.items() if k not in TIMING}
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
 
 def test_load_mmrec_reads_splits_and_casts_float64(tmp_path):
     ds = data.load_mmrec(write_folder(tmp_path), "toy")
@@ -114,9 +157,6 @@ def test_write_then_load_round_trips(tmp_path):
     assert not list(tmp_path.rglob("*.tmp"))
 
 
-HEADER = "userID\titemID\trating\ttimestamp\tx_label\n"
-
-
 @pytest.mark.parametrize("case, expect", [
     (dict(inter="user\titemID\tx_label\n0\t1\t0\n"), "header lacks userID"),
     (dict(inter=HEADER + "0\t1.5\t1\t1\t0\n"), "itemID '1.5' is not an integer"),
@@ -134,11 +174,33 @@ HEADER = "userID\titemID\trating\ttimestamp\tx_label\n"
     (dict(image=np.full((7, 6), np.inf)), "7 rows hold NaN or inf"),
     (dict(text=np.ones((7, 1))), "text_feat.npy: 1 feature column(s); SAND splits"),
     (dict(inter=HEADER + "0\t0\t1\t1\t0\n0\t1\t1\t1\t1\n50\t0\t1\t1\t2\n", image=np.ones((2, 3)), text=np.ones((2, 3))),
-     "userID goes up to 50 but only 2 distinct users occur; ids must be 0-based and dense"),
+     "userID goes up to 50 but only 2 distinct ones occur; ids must be 0-based and dense"),
+    (dict(inter=HEADER + "0\t0\t1\t1\t0\n1\t1\t1\t1\t1\n1\t9000000000\t1\t1\t2\n"),
+     "itemID goes up to 9000000000 but only 3 distinct ones occur; ids must be 0-based and dense"),
+    (dict(inter=HEADER + "0\t1\t1\t1\t-1\n"), "toy.inter:2: x_label -1 is not 0 (train), 1 (valid) or 2 (test)"),
+    (dict(inter=HEADER + "0\t" + "x" * 10 ** 6 + "\t1\t1\t0\n"),  # a huge field is not echoed whole
+     "toy.inter:2: itemID 'xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx'... (1,000,000 characters) is not an integer"),
+    (dict(inter=HEADER + "0\t1\t1\tnote\u2028more\t0\n0\t1\t1\t1\t7\n"),  # U+2028 is no line end here
+     "toy.inter:3: x_label 7 is not 0"),
 ])
 def test_bad_input_gives_clear_error(tmp_path, case, expect):
     with pytest.raises(data.DataError, match=expect.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
         data.load_mmrec(write_folder(tmp_path, **case), "toy")
+
+
+def test_ids_written_with_leading_zeros_read_as_the_numbers_they_are(tmp_path):
+    inter = HEADER + "".join(f"{u:020d}\t{i:03d}\t1\t1\t{x}\n" for u in range(4)
+                             for i, x in ((u, 0), (u + 1, 0), (u + 2, 1), (u + 3, 2)))
+    ds = data.load_mmrec(write_folder(tmp_path, inter=inter), "toy")
+    assert ds.train.tolist() == [[u, i] for u in range(4) for i in (u, u + 1)]
+
+
+def test_features_of_extreme_size_are_said_in_a_note_before_training(tmp_path):
+    image = np.ones((7, 6))
+    image[2] = 3e19  # finite, but training on it overflows
+    ds = data.load_mmrec(write_folder(tmp_path, image=image), "toy")
+    assert ("image features reach 3.0e+19 in absolute value: training may overflow (a loss or weight that is not "
+            "finite); scale them first, e.g. each row to unit length") in ds.notes
 
 
 def test_missing_dataset_names_files_and_sources(tmp_path):
@@ -148,60 +210,6 @@ def test_missing_dataset_names_files_and_sources(tmp_path):
     for needed in ("baby.inter", "image_feat.npy", "text_feat.npy", "MMRec", "--dataset synthetic"):
         assert needed in msg
     assert "\n" not in msg
-
-
-@pytest.mark.parametrize("args, expect", [
-    (["--dataset", "baby", "--data-dir", "{tmp}"], "dataset 'baby' not found"),
-    (["--device", "gpu0"], "--device 'gpu0' is not a device"),
-    (["--eval-only"], "--eval-only needs --ckpt"),
-    (["--resume", "{tmp}/last.pt"], "checkpoint {tmp}/last.pt not found"),
-    (["--knn-k", "0"], "--knn-k must be at least 1 (got 0)"),
-    (["--knn-k", "5000"], "--knn-k 5000 is more than the 1144 items of synthetic"),
-])
-def test_cli_bad_input_is_one_line_exit_2(tmp_path, monkeypatch, capsys, args, expect):
-    one_line_error([a.format(tmp=tmp_path) for a in args], tmp_path, monkeypatch, capsys,
-                   "train.py: error: " + expect.format(tmp=tmp_path))
-
-
-def test_cli_unwritable_output_is_one_line_exit_2(tmp_path):
-    (tmp_path / "afile").write_text("")
-    r = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--out", str(tmp_path / "afile" / "run")],
-                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Not a directory" in r.stderr, r.stderr
-
-
-@pytest.mark.parametrize("flag, value, expect", [
-    ("tau", 0.0, "--tau must be above 0 (got 0.0)"),
-    ("image_weight", 1.5, "--image-weight must be at most 1 (got 1.5)"),
-    ("lr", float("nan"), "--lr must be a finite number (got nan)"),
-    ("batch_size", 0, "--batch-size must be at least 1 (got 0)"),
-    ("club_steps", -1, "--club-steps must be at least 0 (got -1)"),
-])
-def test_out_of_range_settings_are_refused(flag, value, expect):
-    cfg = train.RunConfig(SANDConfig(), train.TrainConfig())
-    train.check(cfg)  # the defaults pass
-    part = cfg.sand if hasattr(cfg.sand, flag) else cfg.train
-    setattr(part, flag, value)
-    with pytest.raises(train.UsageError, match=re.escape(expect)):
-        train.check(cfg)
-
-
-@pytest.mark.parametrize("kw, expect", [
-    ({"ckpt": "best.pt"}, "--ckpt is read only with --eval-only"),
-    ({"seeds": 5}, "--seeds is read only with --ablation"),
-    ({"ablation": True, "topk_out": "top.tsv"}, "--topk-out does nothing in --ablation"),
-    ({"ablation": True, "profile": True}, "--profile does nothing in --ablation"),
-    ({"out": __file__}, f"--out {__file__} is a file: give a folder path"),
-    ({"topk_out": HERE}, f"--topk-out {HERE} is a folder: give a file path"),
-])
-def test_flags_that_would_be_ignored_or_fail_late_are_refused(kw, expect):
-    with pytest.raises(train.UsageError, match=re.escape(expect)):
-        train.check(run_cfg(**kw))
-
-
-def test_flags_with_what_they_need_pass_the_check():
-    for kw in ({"ckpt": "best.pt", "eval_only": True}, {"seeds": 5, "ablation": True}, {"topk_out": "top.tsv"}):
-        train.check(run_cfg(**kw))
 
 
 def test_five_core_and_mmrec_split_rule():
@@ -253,6 +261,127 @@ def test_builtin_load_and_write_cli(tmp_path):
     assert r.returncode == 0, r.stderr
     ds = data.load_mmrec(str(tmp_path), "synthetic")
     np.testing.assert_array_equal(ds.train, data.load_dataset("synthetic").train)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input and settings: one line, exit code 2, before anything is written
+
+@pytest.mark.parametrize("args, expect", [
+    (["--dataset", "baby", "--data-dir", "{tmp}"], "dataset 'baby' not found"),
+    (["--dataset", "toy", "--data-seed", "5"], "--data-seed is read only with a built-in --dataset"),
+    (["--data-dir", "elsewhere"], "--data-dir is not read by the built-in --dataset synthetic"),
+    (["--device", "gpu0"], "--device 'gpu0' is not a device"),
+    (["--device", "cpu:1"], "--device cpu:1: the CPU has no device number"),
+    (["--device", "meta"], "--device meta: only cpu and cuda are supported"),
+    (["--device", "mps"], "--device mps: only cpu and cuda are supported"),
+    (["--eval-only", "{tmp}/nowhere"], "checkpoint {tmp}/nowhere not found"),
+    (["--resume", "{tmp}/last.pt"], "checkpoint {tmp}/last.pt not found"),
+    (["--resume", ""], "--resume '' is empty"),
+    (["--out", "{tmp}/dangling"], "{tmp}/dangling is a file or a broken symbolic link: give a folder path"),
+    (["--out", __file__], f"{__file__} is a file or a broken symbolic link: give a folder path"),
+    (["--lr", "0x10"], "argument --lr: invalid float value: '0x10' (see --help)"),
+    (["--lr", "-1e-3"], "--lr must be above 0 (got -0.001)"),  # a value, not a flag
+    (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    (["--knn-k", "0"], "--knn-k must be at least 1 (got 0)"),
+    (["--knn-k", "5000"], "--knn-k 5000 is more than the 1144 items of synthetic"),
+    (["--batch-size", 10 ** 20], "--batch-size must be at most 2147483647"),
+    (["--seed", 10 ** 20], "--seed must be at most"),
+    (["--data-seed", "-1"], "--data-seed must be at least 0"),
+    (["--mlp-dim", 2 ** 21], "--mlp-dim must be at most 1048576"),
+    (["--embed-dim", 10 ** 20], "--embed-dim must be at most"),
+    (["--head-dim", 2 ** 20], "this run needs at least"),  # within range, beyond memory: the estimate refuses it
+    (["--club-hidden", 2 ** 20], "this run needs at least"),  # the estimator's activations are counted too
+    (["--backbone", "vbpr", "--embed-dim", "1"], "give an even number, 2 or more (got 1)"),
+    (["--backbone", "freedom", "--embed-dim", "7"], "--backbone freedom splits --embed-dim into a generic and a unique half"),
+    (["--backbone", "vbpr", "--dropout", "1"], "--dropout must be below 1 (got 1.0)"),
+    (["--grid", "knn_k=5,5000"], "--grid point knn_k=5000: --knn-k 5000 is more than the 1144 items"),
+])
+def test_bad_settings_give_one_line(tmp_path, monkeypatch, capsys, args, expect):
+    write_folder(tmp_path / "data")
+    os.symlink(tmp_path / "nowhere", tmp_path / "dangling")
+    one_line_error([str(a).format(tmp=tmp_path) for a in args], tmp_path, monkeypatch, capsys, expect.format(tmp=tmp_path))
+    assert not (tmp_path / "runs").exists()  # checked before anything is written
+
+
+def test_cli_unwritable_output_is_one_line_exit_2(tmp_path):
+    (tmp_path / "afile").write_text("")
+    r = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--out", str(tmp_path / "afile" / "run")],
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Not a directory" in r.stderr, r.stderr
+
+
+def npy_header_claiming(shape):
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "<f4", "fortran_order": False, "shape": shape})
+    return buf.getvalue() + b"\0" * 64
+
+
+@pytest.mark.parametrize("name, content, expect", [
+    ("inter", HEADER + "--3\t1\t1\t1\t0\n", "userID '--3' is not an integer"),
+    ("inter", HEADER + "\u00b2\t1\t1\t1\t0\n", "userID '\u00b2' is not an integer"),
+    ("inter", HEADER + "0\t99999999999999999999\t1\t1\t0\n", "itemID '99999999999999999999' is too large for an id"),
+    ("inter", HEADER + "0\x00\t1\t1\t1\t0\n", "toy.inter:2: userID '0\\x00' is not an integer"),
+    ("inter", "userID\titemID\tuserID\tx_label\n0\t1\t0\t0\n", "the header names userID twice"),
+    ("inter", HEADER + "0\t1\t1\t1\t0\n\n\n0\t2\t1\t1\t5\n", "toy.inter:5: x_label 5 is not 0"),  # blanks counted
+    ("image", b"", "image_feat.npy: not a readable .npy array"),
+    ("image", "npz", "image_feat.npy: not a readable .npy array"),
+    ("image", npy_header_claiming((7, 2 ** 40)), "its header promises (7, 1099511627776) float32"),
+    ("image", np.ones((7, 6), dtype=np.complex64), "dtype complex64 is not a real number type"),
+    ("image", np.where(np.eye(7, 6) > 0, 1e300, 1.0), "6 rows hold NaN or inf, or values beyond float32's range"),
+])
+def test_bad_files_give_one_line(tmp_path, monkeypatch, capsys, recwarn, name, content, expect):
+    folder = tmp_path / "data" / "toy"
+    write_folder(tmp_path / "data", inter=content if name == "inter" else None)
+    if name == "image":
+        path = folder / "image_feat.npy"
+        if isinstance(content, np.ndarray):
+            np.save(path, content)
+        elif content == "npz":
+            np.savez(tmp_path / "x.npz", a=np.ones((7, 6)))
+            os.replace(tmp_path / "x.npz", path)
+        else:
+            path.write_bytes(content)
+    one_line_error(["--dataset", "toy", "--knn-k", "2"], tmp_path, monkeypatch, capsys, expect)
+    assert not recwarn.list  # no warning beside the line (numpy's overflow in the cast to float32, say)
+
+
+@pytest.mark.parametrize("kw, expect", [
+    ({"tau": 0.0}, "--tau must be above 0 (got 0.0)"),
+    ({"image_weight": 1.5}, "--image-weight must be at most 1 (got 1.5)"),
+    ({"lr": float("nan")}, "--lr must be a finite number (got nan)"),
+    ({"batch_size": 0}, "--batch-size must be at least 1 (got 0)"),
+    ({"club_steps": -1}, "--club-steps must be at least 0 (got -1)"),
+    ({"seeds": 5}, "--seeds is read only with --ablation or --grid"),
+    ({"ablation": True, "profile": True}, "--profile is not read by --ablation or --grid"),
+    ({"ablation": True, "resume": "x"}, "--resume and --ablation do not go together"),
+    ({"dist": "l2", "ureg": 0.1}, "--ureg is read only with --dist mi"),
+    ({"dist": "l2", "club_fit": "intra"}, "--club-fit is read only with --dist mi"),
+    ({"dist": "l2", "club_steps": 3}, "--club-steps is read only with --dist mi"),
+    ({"dist": "mi", "club_steps": 50, "dist_dim": 32, "w_l2": 0.01}, "--w-l2 is read only with --dist l2"),
+    ({"backbone": "vbpr", "knn_k": 5}, "--knn-k is not read by --backbone vbpr"),
+    ({"backbone": "vbpr", "n_layers": 1}, "--n-layers is not read by --backbone vbpr"),
+    ({"backbone": "vbpr", "mlp_dim": 8}, "--mlp-dim is read only with --backbone dragon"),
+    ({"backbone": "freedom", "dist_dim": 8}, "--dist-dim is read only with --backbone dragon"),
+    ({"backbone": "freedom", "dropout": 0.1}, "--dropout is read only with --backbone vbpr"),
+    ({"reg_weight": 0.1}, "--reg-weight is read only with --backbone vbpr or freedom"),
+    ({"backbone": "vbpr", "edge_dropout": 0.5}, "--edge-dropout is read only with --backbone freedom"),
+    ({"align": "none", "tau": 0.3}, "--tau is read only with --align solo or complete"),
+    ({"align": "none", "alpha": 0.1}, "--alpha is read only with --align solo or complete"),
+    ({"dist": "none", "dist_dim": 16}, "--dist-dim is read only with --dist mi or l2"),
+    ({"dropout": 0.1}, "--dropout is read only with --backbone vbpr"),
+    ({"backbone": "vbpr", "dist": "none", "align": "none", "eval_dropout": True}, "--eval-dropout is read only with --dropout above 0"),
+    ({"backbone": "vbpr", "dist": "none", "align": "none", "head_dim": 8}, "--head-dim is read only with --align solo or complete"),
+])
+def test_check_refuses_a_setting_out_of_range_or_one_that_would_be_ignored(kw, expect):
+    with pytest.raises(train.UsageError, match=re.escape(expect)):
+        train.check(run_cfg(**kw))
+    train.check(run_cfg(**{k: v for k, v in kw.items() if k in ("backbone", "dist", "align")}))  # the variant alone
+
+
+def test_flags_with_what_they_need_pass_the_check():
+    for kw in ({"seeds": 5, "ablation": True}, {"seeds": 5, "grid": ("alpha=0.1",)}, {"profile": True},
+               {"backbone": "vbpr", "dropout": 0.2, "eval_dropout": True}, {"backbone": "freedom", "reg_weight": 1e-3}):
+        train.check(run_cfg(**kw))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -393,6 +522,19 @@ def test_masked_train_items_never_reach_the_top_k():
     top = ev.topk(lambda u: users[u] @ items.T)
     train_set = set(map(tuple, train_p.tolist()))
     assert not any((u, i) in train_set for u, row in zip(ev.users.tolist(), top.tolist()) for i in row)
+
+
+def test_a_catalog_with_fewer_unseen_items_than_k_never_ranks_a_masked_item():
+    # 12 items, 8 of them each user's train items (and item 2 also a test item): 4 left to rank, K = 20
+    train_p = torch.tensor([[u, i] for u in range(3) for i in range(8)])
+    test_p = torch.tensor([[u, 2] for u in range(3)] + [[u, 9] for u in range(3)])
+    ev = train.Evaluator(train_p, {"test": test_p}, 12, torch.device("cpu"))
+    scores = lambda users: torch.arange(12.0).flip(0).repeat(len(users), 1)  # item 0 best: all masked ones first
+    top = ev.topk(scores)
+    assert top.tolist() == [[8, 9, 10, 11] + [-1] * 8] * 3  # the unseen items, then nothing
+    m = ev(scores)["test"]
+    assert m["recall@20"] == 0.5 and m["recall@10"] == 0.5  # item 9 found, item 2 (a train item) never a hit
+    assert m["ndcg@20"] == pytest.approx((1 / math.log2(3)) / (1 + 1 / math.log2(3)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -976,8 +1118,7 @@ def test_vbpr_learns_beats_most_popular_and_the_diagnostic_reads_its_parts(tmp_p
 def quick_fit(tmp_path, epochs=3, **kw):
     cfg = run_cfg(epochs=epochs, batch_size=512, club_steps=5, **kw)
     out = tmp_path / "run"
-    out.mkdir(parents=True, exist_ok=True)
-    return train.fit(cfg, tiny(), torch.device("cpu"), str(out), log=lambda *_: None)[0], out
+    return train.fit(cfg, tiny(), torch.device("cpu"), str(out), log=quiet)[0], out
 
 
 def test_seeded_run_is_repeatable(tmp_path):
@@ -992,8 +1133,7 @@ def test_a_plain_run_logs_the_same_loss_terms(tmp_path):
     rows = {}
     for plain in (False, True):
         _, out = quick_fit(tmp_path / str(plain), epochs=1, plain=plain, club_fit="intra")  # intra: the bound is > 0
-        with open(out / "metrics.csv") as f:
-            rows[plain] = next(csv.DictReader(f))
+        rows[plain] = rows_of(out / "metrics.csv")[0]
     for term in ("bpr", "solo", "club", "club_nll"):
         fast, plain = float(rows[False][term]), float(rows[True][term])
         assert fast != 0 and plain == pytest.approx(fast, rel=1e-5), term  # 4 significant digits, and more
@@ -1015,101 +1155,16 @@ def test_training_step_is_bitwise_deterministic_on_cpu():
     assert all(torch.equal(g, grads[0]) for g in grads[1:])
 
 
-def test_resume_continues_exactly(tmp_path):
-    whole, _ = quick_fit(tmp_path / "whole", epochs=4)
-    _, out = quick_fit(tmp_path / "part", epochs=2)
-    ckpt = train.load_checkpoint(str(out / "last.pt"))
-    cfg = train.config_from_dict(ckpt["config"])
-    cfg.train.epochs = 4
-    resumed = train.fit(cfg, tiny(), torch.device("cpu"), str(out), ckpt, log=lambda *_: None)[0]
-    timing = ("train_s_per_epoch", "eval_s_per_epoch", "peak_memory_gib")
-    assert {k: v for k, v in resumed.items() if k not in timing} == {k: v for k, v in whole.items() if k not in timing}
-    rows = (out / "metrics.csv").read_text().splitlines()
-    assert len(rows) == 5 and [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3", "4"]
-
-
-def tiny_run(tmp_path, **kw):
-    """Settings of a quick run on the tiny dataset, written as an MMRec folder tmp_path/data/tiny/ (2 estimator
-    steps per batch where the variant has an estimator)."""
-    data.write_mmrec(tiny_named(), str(tmp_path / "data"))
-    settings = {"dataset": "tiny", "data_dir": str(tmp_path / "data"), "batch_size": 512, **kw}
-    if "club_steps" not in sand.unread(run_cfg(**settings).sand):
-        settings.setdefault("club_steps", 2)
-    return settings
-
-
-TIMING = ("train_s_per_epoch", "eval_s_per_epoch", "peak_memory_gib")
-
-
-@pytest.mark.parametrize("common, part, more", [
-    ({}, {"epochs": 2}, {"epochs": 4}),  # a run extended by --epochs
-    # lr 1e-9 keeps valid Recall@20 the same, so that with --patience 0 the run stops after epoch 2
-    ({"lr": 1e-9}, {"patience": 0}, {"patience": 2}),  # a run that stopped early, extended by --patience
-])
-def test_resume_with_more_epochs_or_patience_extends_a_run_exactly(tmp_path, common, part, more):
-    base = tiny_run(tmp_path, club_steps=5, epochs=4, **common)
-    quiet = lambda *_: None
-    whole = train.run(run_cfg(**{**base, **more, "out": str(tmp_path / "whole")}), log=quiet)
-    first = train.run(run_cfg(**{**base, **part, "out": str(tmp_path / "part")}), log=quiet)
-    assert first["epochs_run"] == 2 and whole["epochs_run"] == 4
-    lines = []
-    resumed = train.run(run_cfg(resume=str(tmp_path / "part" / "last.pt"), **more), log=lines.append)
-    assert f"resuming {tmp_path / 'part'}/ after epoch 2 (--epochs 4, --patience {more.get('patience', 20)})" in lines
-    assert {k: v for k, v in resumed.items() if k not in TIMING} == {k: v for k, v in whole.items() if k not in TIMING}
-    saved = json.loads((tmp_path / "part" / "config.json").read_text())  # the resumed run's configuration
-    assert {k: saved["train"][k] for k in more} == more and saved["train"]["batch_size"] == 512
-
-
-def test_a_new_run_in_a_used_folder_replaces_only_a_run_of_its_own_settings(tmp_path, monkeypatch):
-    base = tiny_run(tmp_path, epochs=1, out=str(tmp_path / "run"))
-    train.run(run_cfg(**base), log=lambda *_: None)
-    folder = tmp_path / "run"
-    files = {p.name: p.read_bytes() for p in folder.iterdir()}
-    assert set(files) >= {"results.json", "last.pt", "best.pt", "metrics.csv", "config.json"}
-    # another run's settings: refused before anything in the folder is touched
-    with pytest.raises(train.UsageError, match=re.escape(f"{folder}/ holds another run (--lr 0.0001, not 0.001)")):
-        train.run(run_cfg(**base, lr=1e-3), log=lambda *_: None)
-    assert {p.name: p.read_bytes() for p in folder.iterdir()} == files
-    # the same settings again: the earlier run is replaced, and an interrupted replacement leaves none of
-    # its files beside the new config.json (the grid would read those results back as this run's)
-
-    def interrupted(*args):
-        raise KeyboardInterrupt
-    monkeypatch.setattr(train, "train_epoch", interrupted)
-    lines = []
-    with pytest.raises(KeyboardInterrupt):
-        train.run(run_cfg(**base), log=lines.append)
-    assert f"replacing the earlier run of these settings and data in {folder}/" in lines
-    assert {p.name for p in folder.iterdir()} == {"config.json", ".lock"}
-    assert train.finished_results(str(folder)) is None and train.run_files(str(folder), run_cfg(**base), tiny_named()) \
-        == ["config.json"]
-
-
-def test_a_file_that_is_not_a_checkpoint_is_refused(tmp_path):
-    text, other = tmp_path / "metrics.csv", tmp_path / "other.pt"
-    text.write_text("epoch,bpr\n1,0.7\n")
-    torch.save({"weights": torch.zeros(2)}, other)
-    for path in (text, other):
-        with pytest.raises(train.UsageError, match=re.escape(f"{path} is not a checkpoint written by this train.py")) as e:
-            train.load_checkpoint(str(path))
-        assert "\n" not in str(e.value)
-
-
-def test_resume_and_eval_only_refuse_a_changed_setting(tmp_path):
-    out = tmp_path / "run"
-    train.run(run_cfg(**tiny_run(tmp_path, epochs=1, out=str(out))), log=lambda *_: None)
-    last, best = str(out / "last.pt"), str(out / "best.pt")
-    with pytest.raises(train.UsageError, match=re.escape(f"--lr 0.5 differs from the run in {last} (0.0001); "
-                                                         "--resume keeps that run's settings except --epochs")):
-        train.run(run_cfg(resume=last, lr=0.5))
-    with pytest.raises(train.UsageError, match=re.escape(f"--dist l2 differs from the run in {best} (mi); "
-                                                         "--eval-only keeps that run's settings except --ckpt")):
-        train.run(run_cfg(eval_only=True, ckpt=best, dist="l2"))
-    # the saved run's own values, and the flags that may change, are accepted; a training setting is not read
-    metrics = train.run(run_cfg(eval_only=True, ckpt=best, dist="mi", device="cpu"), log=lambda *_: None)
-    assert set(metrics) == {"valid", "test"}
-    with pytest.raises(train.UsageError, match=re.escape("--batch-size is not read by --eval-only: leave it out")):
-        train.run(run_cfg(eval_only=True, ckpt=best, batch_size=512))
+def test_early_stopping_follows_mmrec():
+    # valid R@20 is rounded to 4 decimals and must strictly beat the best; the run stops once more
+    # than `patience` epochs in a row have not (MMRec's utils.early_stopping): patience 2 stops at the 3rd
+    best, bad, seen = -1.0, 0, []
+    for epoch, score in enumerate([0.1, 0.12, 0.12, 0.11, 0.12004, 0.1204, 0.1, 0.3], 1):
+        best, bad, improved = train.early_stopping(score, best, bad)
+        seen.append(improved)
+        if bad > 2:
+            break
+    assert epoch == 5 and best == 0.12 and seen == [True, True, False, False, False]
 
 
 def test_cuda_device_number_is_checked_and_profiling_syncs_that_device(monkeypatch):
@@ -1127,32 +1182,33 @@ def test_cuda_device_number_is_checked_and_profiling_syncs_that_device(monkeypat
 
 
 def test_a_diverging_run_stops_cleanly(tmp_path):
-    # lr 1e30 sends the weights to inf in the first steps: the run stops, writes its files, and
-    # neither the planted-factor diagnostic nor --topk-out touches the diverged weights
+    # lr 1e30 sends the weights to inf in the first steps: the run stops and writes its files, and neither the
+    # planted-factor diagnostic nor the top-k file touches the diverged weights
     lines = []
-    cfg = run_cfg(**tiny_run(tmp_path, epochs=3, lr=1e30, out=str(tmp_path / "run"), topk_out=str(tmp_path / "top.tsv")))
-    results = train.run(cfg, log=lines.append)
+    results = train.run(run_cfg(**tiny_run(tmp_path, epochs=3, lr=1e30, out=str(tmp_path / "run"))), log=lines.append)
     assert results["best_epoch"] is None and results["test"] is None and results["epochs_run"] == 0
     assert any(line.startswith("epoch 1: a loss or a weight is not finite") and line.endswith("no epoch finished")
                for line in lines)
-    assert lines[-1] == f"no epoch finished: {tmp_path / 'run'}/results.json holds no metrics, {tmp_path / 'top.tsv'} was not written"
-    assert not (tmp_path / "top.tsv").exists() and (tmp_path / "run" / "results.json").is_file()
-    ds = tiny()  # a built-in dataset, with the diagnostic
-    results = train.fit(run_cfg(epochs=2, batch_size=512, club_steps=2, lr=1e30), ds, torch.device("cpu"),
-                        str(tmp_path), log=lambda *_: None)[0]
+    assert lines[-1] == f"no epoch finished: {tmp_path / 'run'}/results.json holds no metrics"
+    assert not (tmp_path / "run" / "topk.tsv").exists() and (tmp_path / "run" / "results.json").is_file()
+    results = train.fit(run_cfg(epochs=2, batch_size=512, club_steps=2, lr=1e30), tiny(), torch.device("cpu"),
+                        str(tmp_path / "builtin"), log=quiet)[0]  # a built-in dataset, with the diagnostic
     assert results["best_epoch"] is None and "diagnostic" not in results
 
 
-def test_early_stopping_follows_mmrec():
-    # valid R@20 is rounded to 4 decimals and must strictly beat the best; the run stops once more
-    # than `patience` epochs in a row have not (MMRec's utils.early_stopping): patience 2 stops at the 3rd
-    best, bad, seen = -1.0, 0, []
-    for epoch, score in enumerate([0.1, 0.12, 0.12, 0.11, 0.12004, 0.1204, 0.1, 0.3], 1):
-        best, bad, improved = train.early_stopping(score, best, bad)
-        seen.append(improved)
-        if bad > 2:
-            break
-    assert epoch == 5 and best == 0.12 and seen == [True, True, False, False, False]
+def test_a_model_whose_weights_are_no_longer_finite_is_never_the_best_epoch(tmp_path):
+    # lr 1e38: the last steps of epoch 1 make the weights inf or NaN after its loss was already finite
+    out, lines = tmp_path / "run", []
+    results = train.run(run_cfg(**tiny_run(tmp_path, dist="none", lr=1e38, epochs=3, out=str(out))), log=lines.append)
+    assert results["best_epoch"] is None and results["diverged"] and results["test"] is None
+    assert not (out / "best.pt").exists() and any("a loss or a weight is not finite" in line for line in lines)
+
+
+def test_a_run_with_no_finished_epoch_exits_1(tmp_path, monkeypatch, capsys):
+    base = tiny_run(tmp_path, lr=1e30, epochs=2)
+    code, err = cli(["--dataset", "tiny", "--data-dir", base["data_dir"], "--lr", "1e30", "--epochs", "2",
+                     "--club-steps", "2", "--out", tmp_path / "run"], tmp_path, monkeypatch, capsys)
+    assert code == 1 and err == "" and json.loads((tmp_path / "run" / "results.json").read_text())["diverged"]
 
 
 def test_cli_runs_an_mmrec_folder_as_users_write_it(tmp_path):
@@ -1186,14 +1242,14 @@ def test_progress_shows_on_a_terminal_and_piped_output_is_one_line_per_epoch(tmp
     os.close(master)
     assert p.wait(timeout=300) == 0, p.stderr.read()
     shown = b"".join(chunks).decode().replace("\r\n", "\n")
-    for step in ("loading tiny ...", "building the item-item kNN graph of",
-                 "training: batch 1/", "s left in this epoch"):
+    for step in ("loading tiny ...", "checking the fast paths against the plain code ...",
+                 "building the item-item kNN graph of", "training: batch 1/", "s left in this epoch"):
         assert step in shown, step
     piped = subprocess.run(cmd("piped"), capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert piped.returncode == 0 and "\r" not in piped.stdout and "batch" not in piped.stdout
     # on the terminal, what stays on screen (the text after the last carriage return of each line) is the piped output
     kept = [line.rsplit("\r", 1)[-1].rstrip() for line in shown.rstrip("\n").split("\n")]  # not splitlines(): it splits at \r too
-    strip = lambda lines: [re.sub(r"\d+\.\d+s|tty|piped", "", line) for line in lines]
+    strip = lambda lines: [re.sub(r"\d+\.\d+ ?s|tty|piped", "", line) for line in lines]
     assert strip(kept) == strip(piped.stdout.splitlines())
     assert sum(line.startswith("epoch ") for line in piped.stdout.splitlines()) == 2
 
@@ -1211,33 +1267,34 @@ def test_default_run_folder_names_every_setting_off_its_default():
         "runs", "grid-synthetic-alpha-tau-dist=l2-club_fit=intra-lr=0.001")
 
 
-def test_cli_end_to_end_writes_all_files(tmp_path):
-    out, topk = tmp_path / "run", tmp_path / "new" / "top.tsv"  # a folder that does not exist yet
-    cmd = [sys.executable, os.path.join(HERE, "train.py"), "--dataset", "synthetic", "--epochs", "2",
-           "--club-steps", "2", "--out", str(out), "--topk-out", str(topk), "--device", "cpu"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+def test_cli_end_to_end_writes_all_files_and_evaluates_its_best_epoch_again(tmp_path):
+    out = tmp_path / "new" / "run"  # a folder that does not exist yet
+    run = lambda *args: subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *map(str, args)],
+                                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    r = run("--dataset", "synthetic", "--epochs", "2", "--club-steps", "2", "--out", out, "--device", "cpu")
     assert r.returncode == 0, r.stderr
-    for f in ("config.json", "metrics.csv", "results.json", "best.pt", "last.pt"):
-        assert (out / f).is_file(), f
+    assert {p.name for p in out.iterdir()} == {".lock", *train.RUN_FILES}
     config = json.loads((out / "config.json").read_text())
     assert config["sand"]["dist"] == "mi" and config["train"]["seed"] == 999 and "torch" in config["environment"]
     results = json.loads((out / "results.json").read_text())
     assert set(results["test"]) == {"recall@10", "recall@20", "ndcg@10", "ndcg@20"}
-    assert len((out / "metrics.csv").read_text().splitlines()) == 3
-    header, *rows = [line.split("\t") for line in topk.read_text().splitlines()]
+    assert len(rows_of(out / "metrics.csv")) == 2
+    header, *rows = [line.split("\t") for line in (out / "topk.tsv").read_text().splitlines()]  # at the best epoch
     ds = data.load_dataset("synthetic")
     assert header == ["userID"] + [f"item{r}" for r in range(1, 21)]
-    assert len(rows) == len(np.unique(ds.test[:, 0])) and all(len(row) == 21 for row in rows)
-    r = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--eval-only", "--ckpt", str(out / "best.pt")],
-                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    evaluated = json.loads(r.stdout)  # the best epoch's weights give the best epoch's metrics again
-    assert evaluated["epoch"] == results["best_epoch"]
-    assert evaluated["test"] == pytest.approx(results["test"], abs=1e-12)
-    assert evaluated["valid"] == pytest.approx(results["valid"], abs=1e-12)
-    r = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--resume", str(out / "best.pt")],
-                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert r.returncode == 2 and "resume from the run's last.pt" in r.stderr and r.stderr.count("\n") == 1
+    assert sorted(int(row[0]) for row in rows) == sorted(np.unique(ds.test[:, 0])) and all(len(row) == 21 for row in rows)
+    train_of = {(u, i) for u, i in ds.train.tolist()}
+    assert not any((int(row[0]), int(i)) in train_of for row in rows for i in row[1:])
+    for target in (out, out / "best.pt"):  # the best epoch's weights give the best epoch's metrics again
+        r = run("--eval-only", target)
+        assert r.returncode == 0, r.stderr
+        evaluated = json.loads(r.stdout)
+        assert evaluated["epoch"] == results["best_epoch"]
+        assert evaluated["test"] == pytest.approx(results["test"], abs=1e-12)
+        assert evaluated["valid"] == pytest.approx(results["valid"], abs=1e-12)
+    r = run("--resume", out / "best.pt")
+    assert r.returncode == 2 and "holds only the best epoch's weights; resume the run folder" in r.stderr
+    assert r.stderr.count("\n") == 1
 
 
 @pytest.mark.parametrize("dist", ["mi", "l2", "none"])
@@ -1246,9 +1303,8 @@ def test_training_learns_and_beats_most_popular(tmp_path, dist):
     most_popular = train.most_popular(ds, torch.device("cpu"))["test"]["recall@20"]
     assert most_popular > 0.15  # a real bar: popularity alone finds many test items on this data
     cfg = run_cfg(dist=dist, epochs=20, lr=1e-3, batch_size=512)
-    results, _, _ = train.fit(cfg, ds, torch.device("cpu"), str(tmp_path), log=lambda *_: None)
-    with open(tmp_path / "metrics.csv") as f:
-        first = float(next(csv.DictReader(f))["valid_recall@20"])
+    results, _, _ = train.fit(cfg, ds, torch.device("cpu"), str(tmp_path), log=quiet)
+    first = float(rows_of(tmp_path / "metrics.csv")[0]["valid_recall@20"])
     assert results["valid"]["recall@20"] > 1.2 * first
     assert results["test"]["recall@20"] > 1.3 * most_popular
 
@@ -1348,8 +1404,9 @@ def test_the_diagnostic_tells_a_separated_split_from_a_random_one_and_a_swapped_
 
 
 def test_ablation_grid_writes_its_tables_and_resumes(tmp_path, monkeypatch):
-    cfg = run_cfg(epochs=1, seeds=2, batch_size=1024, club_steps=2, out=str(tmp_path), ablation=True)
-    rows = train.grid(cfg, tiny(), torch.device("cpu"), train.ABLATIONS, log=lambda *_: None)
+    monkeypatch.setitem(data.BUILTIN, "tiny", TINY)  # built in: its planted factors give the diagnostic tables
+    cfg = run_cfg(dataset="tiny", epochs=1, seeds=2, batch_size=1024, club_steps=2, out=str(tmp_path), ablation=True)
+    rows = train.run(cfg, log=quiet)
     assert len(rows) == 2 * len(train.ABLATIONS) == 14
     with open(tmp_path / "ablation.csv") as f:
         assert len(list(csv.DictReader(f))) == 14
@@ -1378,7 +1435,7 @@ def test_ablation_grid_writes_its_tables_and_resumes(tmp_path, monkeypatch):
     def no_training(*a, **k):
         raise AssertionError("a finished run was trained again")
     monkeypatch.setattr(train, "fit", no_training)
-    assert train.grid(cfg, tiny(), torch.device("cpu"), train.ABLATIONS, log=lambda *_: None) == rows
+    assert train.run(cfg, log=quiet) == rows
 
 
 def test_grid_runs_the_product_writes_three_files_and_resumes_after_an_interruption(tmp_path, monkeypatch):
@@ -1436,17 +1493,16 @@ def test_grid_chooses_by_valid_never_by_test_and_skips_a_point_that_diverged(tmp
     made = {0.1: (0.30, 0.10), 0.2: (0.20, 0.20), 0.3: (0.10, 0.40), 0.5: (0.50, 0.50)}
     monkeypatch.setattr(train, "fit", lambda cfg, *a, **k: (
         fake_results(*made[cfg.sand.tau], diverged=cfg.sand.tau == 0.5 and cfg.train.seed == 1000), None, None))
-    cfg = run_cfg(grid=("tau=0.1,0.2,0.3,0.5",), seeds=2, out=str(tmp_path))
+    base = tiny_run(tmp_path)
     lines = []
-    train.grid(cfg, tiny(), torch.device("cpu"), train.grid_points(cfg.train.grid), log=lines.append)
+    train.run(run_cfg(**base, grid=("tau=0.1,0.2,0.3,0.5",), seeds=2, out=str(tmp_path)), log=lines.append)
     chosen = json.loads((tmp_path / "grid.json").read_text())["chosen"]
     assert chosen["settings"] == {"tau": 0.1} and chosen["test"]["recall@20"] == pytest.approx(0.10)
     md = (tmp_path / "grid.md").read_text()
     assert "| --tau 0.1 (chosen) |" in md and "| --tau 0.5 (diverged in 1 runs) |" in md
     assert "tau=0.5 seed 1000: best epoch 1, diverged, test" in "\n".join(lines)
     made = {0.1: (0.2, 0.1), 0.2: (0.2, 0.3)}  # a tie on valid: the point listed first
-    cfg = run_cfg(grid=("tau=0.2,0.1",), seeds=1, out=str(tmp_path / "tie"))
-    train.grid(cfg, tiny(), torch.device("cpu"), train.grid_points(cfg.train.grid), log=lambda *_: None)
+    train.run(run_cfg(**base, grid=("tau=0.2,0.1",), seeds=1, out=str(tmp_path / "tie")), log=quiet)
     assert json.loads((tmp_path / "tie" / "grid.json").read_text())["chosen"]["settings"] == {"tau": 0.2}
 
 
@@ -1457,6 +1513,7 @@ def test_grid_chooses_by_valid_never_by_test_and_skips_a_point_that_diverged(tmp
     (["club_steps=5,2.5"], "--grid club_steps=2.5: '2.5' is not an int"),
     (["dist=mi,cos"], "--grid dist=cos: choose from mi, l2, none"),
     (["alpha=0.1", "alpha=0.2"], "--grid lists alpha twice"),
+    (["alpha=0.1", "--grid", "alpha=0.2"], "--grid lists alpha twice"),  # --grid given twice: the lists add up
     (["tau=0.2,0"], "grid point tau=0.0: --tau must be above 0 (got 0.0)"),
     (["seed=1,2"], "--grid 'seed=1,2' is not SETTING=V1,V2,..."),  # seeds come from --seeds
     (["alpha=0.1,0.10"], "--grid alpha=0.1,0.10: alpha 0.1 is listed twice; one point is one point"),
@@ -1466,59 +1523,108 @@ def test_a_bad_grid_is_refused_with_one_line_before_anything_runs(tmp_path, monk
     assert not (tmp_path / "g").exists()
 
 
+def test_a_grid_given_twice_runs_the_product_of_both_lists(tmp_path, monkeypatch):
+    args = train.parser().parse_args(["--grid", "alpha=0.1,0.2", "--grid", "tau=0.3", "--seeds", "1"])
+    cfg = train.config_from_args(args)
+    assert cfg.train.grid == ("alpha=0.1,0.2", "tau=0.3")
+    assert [key for key, _, _ in train.grid_points(cfg.train.grid)] == ["alpha=0.1-tau=0.3", "alpha=0.2-tau=0.3"]
+
+
+def test_a_grid_of_too_many_runs_is_refused_at_once_and_a_grid_says_what_it_will_run(tmp_path, monkeypatch, capsys):
+    one_line_error(["--grid", "alpha=" + ",".join(str(0.001 * k) for k in range(1, 11)), "--seeds", "10000"],
+                   tmp_path, monkeypatch, capsys, "--grid of 10 points x 10000 seeds is 100,000 runs, more than 10,000")
+    one_line_error(["--ablation", "--seeds", "1000000"], tmp_path, monkeypatch, capsys, "--seeds must be at most 10000")
+    lines = []
+    train.run(run_cfg(**tiny_run(tmp_path, epochs=1), grid=("alpha=0.1,0.2",), seeds=2, out=str(tmp_path / "g")),
+              log=lines.append)
+    assert f"--grid: 2 points x 2 seeds = 4 runs in {tmp_path / 'g'}/" in lines
+
+
 # ---------------------------------------------------------------------------------------------
-# Run folders: nothing lost, nothing mixed; bad input in one line
+# Run folders: nothing lost, nothing mixed; a resumed run equals an uninterrupted one
 
-def cli(args, tmp_path, monkeypatch, capsys):
-    """train.py's command line, in this process (faster than a subprocess), from tmp_path -> (exit code, stderr)."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(train.INTERRUPTS, "install", lambda: None)  # leave pytest's own signal handlers alone
-    capsys.readouterr()
-    try:
-        train.main([str(a) for a in args])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr().err
-
-
-def one_line_error(args, tmp_path, monkeypatch, capsys, expect):
-    code, err = cli(args, tmp_path, monkeypatch, capsys)
-    assert code == 2 and err.count("\n") == 1 and err.startswith("train.py: error: "), err
-    assert expect in err, err
-    assert "Traceback" not in err
-
-
-def files_of(folder):
-    """{path under folder: content} of every file below it."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-@pytest.mark.parametrize("backbone, extra", [("dragon", {}), ("vbpr", {}), ("vbpr", {"eval_dropout": True})])
-def test_a_resumed_run_equals_an_uninterrupted_one_on_both_backbones(tmp_path, monkeypatch, backbone, extra):
-    # VBPR+SAND draws its dropout (0.01) from torch's global generator, which the checkpoint saves with the rest
-    base = tiny_run(tmp_path, backbone=backbone, epochs=4, **extra)
-    whole = train.run(run_cfg(**base, out=str(tmp_path / "whole")), log=lambda *_: None)
+def interrupt_at(monkeypatch, epoch):
+    """Make train_epoch raise KeyboardInterrupt (as Ctrl-C would) when epoch `epoch` of the next run starts."""
     real, calls = train.train_epoch, []
 
-    def interrupted_in_epoch_3(*args):
+    def interrupted(*args):
         calls.append(1)
-        if len(calls) == 3:
+        if len(calls) == epoch:
             raise KeyboardInterrupt
         return real(*args)
-    monkeypatch.setattr(train, "train_epoch", interrupted_in_epoch_3)
+    monkeypatch.setattr(train, "train_epoch", interrupted)
+    return lambda: monkeypatch.setattr(train, "train_epoch", real)
+
+
+@pytest.mark.parametrize("backbone, extra", [("dragon", {}), ("vbpr", {}), ("vbpr", {"eval_dropout": True}),
+                                             ("dragon", {"resume_as": "last.pt"})])
+def test_a_resumed_run_equals_an_uninterrupted_one_on_both_backbones(tmp_path, monkeypatch, backbone, extra):
+    # VBPR+SAND draws its dropout (0.01) from torch's global generator, which the checkpoint saves with the rest
+    resume_as = extra.pop("resume_as", "")
+    base = tiny_run(tmp_path, backbone=backbone, epochs=4, **extra)
+    whole = train.run(run_cfg(**base, out=str(tmp_path / "whole")), log=quiet)
+    restore = interrupt_at(monkeypatch, 3)
     lines, out = [], tmp_path / "part"
     with pytest.raises(KeyboardInterrupt):
         train.run(run_cfg(**base, out=str(out)), log=lines.append)
-    assert lines[-1] == f"interrupted: --resume {out / 'last.pt'} continues after epoch 2"
+    assert lines[-1] == f"interrupted: --resume {out} continues after epoch 2"
     assert not (out / "results.json").exists()  # only a finished run has one
     assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 2  # the last finished epoch, written on interruption
-    assert len((out / "metrics.csv").read_text().splitlines()) == 3  # epochs 1 and 2, complete
-    monkeypatch.setattr(train, "train_epoch", real)
-    resumed = train.run(run_cfg(resume=str(out / "last.pt")), log=lambda *_: None)
-    assert {k: v for k, v in resumed.items() if k not in TIMING} == {k: v for k, v in whole.items() if k not in TIMING}
-    drop = lambda rows: [{k: v for k, v in r.items() if not k.endswith("_s")} for r in rows]
-    assert drop(train.read_rows(tmp_path / "part" / "metrics.csv")) == drop(train.read_rows(tmp_path / "whole" / "metrics.csv"))
+    assert len(rows_of(out / "metrics.csv")) == 2  # epochs 1 and 2, complete
+    restore()
+    resumed = train.run(run_cfg(resume=str(out / resume_as)), log=quiet)  # the folder, or its last.pt
+    assert same_results(resumed, whole) and rows_of(out / "metrics.csv") == rows_of(tmp_path / "whole" / "metrics.csv")
+    assert (out / "topk.tsv").read_text() == (tmp_path / "whole" / "topk.tsv").read_text()
+
+
+@pytest.mark.parametrize("common, part, more", [
+    ({}, {"epochs": 2}, {"epochs": 4}),  # a run extended by --epochs
+    # lr 1e-9 keeps valid Recall@20 the same, so that with --patience 0 the run stops after epoch 2
+    ({"lr": 1e-9}, {"patience": 0}, {"patience": 2}),  # a run that stopped early, extended by --patience
+])
+def test_resume_with_more_epochs_or_patience_extends_a_run_exactly(tmp_path, common, part, more):
+    base = tiny_run(tmp_path, club_steps=5, epochs=4, **common)
+    whole = train.run(run_cfg(**{**base, **more, "out": str(tmp_path / "whole")}), log=quiet)
+    first = train.run(run_cfg(**{**base, **part, "out": str(tmp_path / "part")}), log=quiet)
+    assert first["epochs_run"] == 2 and whole["epochs_run"] == 4
+    lines = []
+    resumed = train.run(run_cfg(resume=str(tmp_path / "part"), **more), log=lines.append)
+    assert f"resuming {tmp_path / 'part'}/ after epoch 2 (--epochs 4, --patience {more.get('patience', 20)})" in lines
+    assert same_results(resumed, whole)
+    saved = json.loads((tmp_path / "part" / "config.json").read_text())  # the resumed run's configuration
+    assert {k: saved["train"][k] for k in more} == more and saved["train"]["batch_size"] == 512
+
+
+def test_resume_refuses_a_smaller_patience_or_fewer_epochs_than_the_run_has_had(tmp_path):
+    # a run trained 6 epochs at --patience 1000 is not a run at --patience 3: that one would have stopped sooner
+    out = tmp_path / "run"
+    train.run(run_cfg(**tiny_run(tmp_path, epochs=6, patience=1000, out=str(out))), log=quiet)
+    before = files_of(out)
+    for kw, expect in (({"patience": 3}, "--patience 3 is below the run's 1000, which might have stopped it sooner"),
+                       ({"epochs": 5}, "--epochs 5: the run has trained 6 epochs already")):
+        with pytest.raises(train.UsageError, match=re.escape(expect)):
+            train.run(run_cfg(resume=str(out), **kw), log=quiet)
+    assert files_of(out) == before
+    assert train.run(run_cfg(resume=str(out), epochs=6, patience=1000), log=quiet)["epochs_run"] == 6  # the same: fine
+
+
+def test_resume_and_eval_only_take_only_the_flags_that_may_change(tmp_path):
+    out = tmp_path / "run"
+    train.run(run_cfg(**tiny_run(tmp_path, dist="l2", epochs=1, out=str(out))), log=quiet)
+    before = files_of(out)
+    for mode, kw, name in (("resume", {"lr": 0.5}, "--lr"), ("resume", {"dist": "l2"}, "--dist"),  # even its own value
+                           ("resume", {"out": str(out)}, "--out"), ("eval_only", {"dist": "mi"}, "--dist"),
+                           ("eval_only", {"epochs": 3}, "--epochs")):
+        with pytest.raises(train.UsageError, match=re.escape(f"{name} cannot be given with {train.flag(mode)}, which "
+                                                             f"keeps the run's settings")):
+            train.run(run_cfg(**{mode: str(out)}, **kw), log=quiet)
+    assert files_of(out) == before
+    metrics = train.run(run_cfg(eval_only=str(out), device="cpu"), log=quiet)  # a flag that may change
+    assert set(metrics) == {"valid", "test"}
+    assert train.run(run_cfg(resume=str(out), epochs=2, device="cpu", profile=True), log=quiet)["epochs_run"] == 2
+    for ckpt in ("best.pt", "last.pt"):  # a resumed run's checkpoints are evaluated and resumed again
+        assert set(train.run(run_cfg(eval_only=str(out / ckpt)), log=quiet)) == {"valid", "test"}
+    assert train.run(run_cfg(resume=str(out), epochs=3), log=quiet)["epochs_run"] == 3
 
 
 def change_in_place(tmp_path, shape_too=False):
@@ -1536,73 +1642,134 @@ def change_in_place(tmp_path, shape_too=False):
 @pytest.mark.parametrize("shape_too", [False, True])
 def test_resume_and_eval_only_refuse_other_data_and_touch_nothing(tmp_path, shape_too):
     out = tmp_path / "run"
-    train.run(run_cfg(**tiny_run(tmp_path, epochs=1, out=str(out))), log=lambda *_: None)
+    train.run(run_cfg(**tiny_run(tmp_path, epochs=1, out=str(out))), log=quiet)
     before = files_of(out)
     change_in_place(tmp_path, shape_too)
-    for cfg in (run_cfg(resume=str(out / "last.pt"), epochs=2), run_cfg(eval_only=True, ckpt=str(out / "best.pt"))):
-        with pytest.raises(data.DataError, match="was trained on other data"):
-            train.run(cfg, log=lambda *_: None)
+    for cfg in (run_cfg(resume=str(out), epochs=2), run_cfg(eval_only=str(out))):
+        with pytest.raises(data.DataError, match="the run was trained on other data"):
+            train.run(cfg, log=quiet)
     assert files_of(out) == before
 
 
-def test_a_grid_run_again_on_changed_data_is_refused_before_anything_runs(tmp_path):
-    base = tiny_run(tmp_path, epochs=1, seeds=1, out=str(tmp_path / "grid"), grid=("alpha=0.012,0.1",))
-    train.run(run_cfg(**base), log=lambda *_: None)
-    before = files_of(tmp_path / "grid")
-    change_in_place(tmp_path)
-    with pytest.raises(train.UsageError, match=r"alpha=0.012-seed999/ holds another run \(made on other data"):
-        train.run(run_cfg(**base), log=lambda *_: None)
-    assert files_of(tmp_path / "grid") == before
+def test_resume_refuses_a_folder_that_holds_another_run_before_touching_it(tmp_path):
+    # run A's last.pt copied into run B's folder: resuming it would mix two runs in one folder
+    for name, kw in (("a", {}), ("b", {"dist": "l2"})):
+        train.run(run_cfg(**tiny_run(tmp_path, epochs=1, **kw), out=str(tmp_path / name)), log=quiet)
+    b = tmp_path / "b"
+    shutil.copy(tmp_path / "a" / "last.pt", b / "last.pt")
+    before = files_of(b)
+    with pytest.raises(train.UsageError, match=re.escape(f"{b}/ holds another run than the one its last.pt was written by")):
+        train.run(run_cfg(resume=str(b), epochs=2), log=quiet)
+    assert files_of(b) == before
 
 
-def test_flags_given_on_resume_apply_or_are_refused_even_at_their_default(tmp_path):
-    out = tmp_path / "run"
-    train.run(run_cfg(**tiny_run(tmp_path, dist="l2", epochs=1, out=str(out))), log=lambda *_: None)
-    last = str(out / "last.pt")
-    with pytest.raises(train.UsageError, match=re.escape(f"--dist mi differs from the run in {last} (l2)")):
-        train.run(run_cfg(resume=last, dist="mi"))  # mi is the default: typed, so judged
-    resumed = train.run(run_cfg(resume=last, dist="l2", epochs=2), log=lambda *_: None)  # the same value: fine
-    assert resumed["epochs_run"] == 2
+def test_rerunning_a_run_replaces_it_only_once_the_new_run_has_a_checkpoint(tmp_path, monkeypatch):
+    base = tiny_run(tmp_path, epochs=2, out=str(tmp_path / "run"))
+    train.run(run_cfg(**base), log=quiet)
+    folder = tmp_path / "run"
+    before = files_of(folder)
+    assert set(before) == {".lock", *train.RUN_FILES}
+    # another run's settings: refused before anything in the folder is touched
+    with pytest.raises(train.UsageError, match=re.escape(f"{folder}/ holds another run (--lr 0.0001, not 0.001)")):
+        train.run(run_cfg(**base, lr=1e-3), log=quiet)
+    assert files_of(folder) == before
+    # the same settings again, stopped in its first epoch (Ctrl-C, a crash) or at its first checkpoint (a full disk,
+    # whose failed write torch.save reports as a RuntimeError): the old run is intact
+    real_epoch, real_save = train.train_epoch, torch.save
+    fail = lambda error: lambda *a, **k: (_ for _ in ()).throw(error)
+    for where, error, raised in ((train, KeyboardInterrupt(), KeyboardInterrupt), (train, MemoryError(), MemoryError),
+                                 (torch, RuntimeError("PytorchStreamWriter failed writing file"), OSError)):
+        monkeypatch.setattr(where, "train_epoch" if where is train else "save", fail(error))
+        lines = []
+        with pytest.raises(raised):
+            train.run(run_cfg(**base), log=lines.append)
+        assert files_of(folder) == before
+        assert f"{folder}/ holds an earlier run of these settings: this run's first checkpoint replaces it" in lines
+        monkeypatch.setattr(train, "train_epoch", real_epoch)
+        monkeypatch.setattr(torch, "save", real_save)
+    restore = interrupt_at(monkeypatch, 2)  # interrupted after its first epoch: the folder is the new run's alone
+    with pytest.raises(KeyboardInterrupt):
+        train.run(run_cfg(**base), log=quiet)
+    restore()
+    assert {p.name for p in folder.iterdir()} == {".lock", "config.json", "metrics.csv", "last.pt", "best.pt"}
+    assert len(rows_of(folder / "metrics.csv")) == 1 and train.load_checkpoint(str(folder / "last.pt"))["run"] == \
+        json.loads((folder / "config.json").read_text())["run"] != json.loads(before["config.json"])["run"]
 
 
-def test_a_model_whose_weights_are_no_longer_finite_is_never_the_best_epoch(tmp_path):
-    # lr 1e38: the last steps of epoch 1 make the weights inf or NaN after its loss was already finite
-    out = tmp_path / "run"
+def test_metrics_csv_never_lists_epochs_that_the_run_no_longer_has(tmp_path, monkeypatch):
+    # killed (SIGKILL: no last word) 5 epochs into an extension, then resumed with --epochs 7
+    base = tiny_run(tmp_path, epochs=3, out=str(tmp_path / "run"))
+    train.run(run_cfg(**base), log=quiet)
+    monkeypatch.setattr(train, "CHECKPOINT_SECONDS", 1e9)  # no checkpoint until the end
+    real = train.Run.checkpoint
+    monkeypatch.setattr(train.Run, "checkpoint", lambda self, p: (_ for _ in ()).throw(SystemExit))
+    with pytest.raises(SystemExit):
+        train.run(run_cfg(resume=str(tmp_path / "run"), epochs=8), log=quiet)
+    assert len(rows_of(tmp_path / "run" / "metrics.csv")) == 3  # as last.pt: the killed epochs were never written
+    monkeypatch.setattr(train.Run, "checkpoint", real)
+    results = train.run(run_cfg(resume=str(tmp_path / "run"), epochs=7), log=quiet)
+    assert results["epochs_run"] == 7 and len(rows_of(tmp_path / "run" / "metrics.csv")) == 7
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_sigterm_writes_the_last_finished_epoch_and_resume_goes_on_exactly(tmp_path, sig, code):
+    base = tiny_run(tmp_path, epochs=25, patience=100)
+    args = [sys.executable, os.path.join(HERE, "train.py"), "--dataset", "tiny", "--data-dir", base["data_dir"],
+            "--epochs", "25", "--patience", "100", "--batch-size", "512", "--club-steps", "2", "--out", str(tmp_path / "run")]
+    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     lines = []
-    results = train.run(run_cfg(**tiny_run(tmp_path, dist="none", lr=1e38, epochs=3, out=str(out))), log=lines.append)
-    assert results["best_epoch"] is None and results["diverged"] and results["test"] is None
-    assert not (out / "best.pt").exists() and any("a loss or a weight is not finite" in line for line in lines)
+    for line in p.stdout:  # interrupt once epoch 3 is logged (last.pt was saved after epoch 1)
+        lines.append(line)
+        if line.startswith("epoch    3"):
+            p.send_signal(sig)
+            time.sleep(0.001)
+            p.send_signal(sig)  # pressed twice: the second waits for the last epoch's files too
+            break
+    rest, err = p.communicate(timeout=300)
+    lines += rest.splitlines(keepends=True)
+    assert p.returncode == code and err.count("\n") == 1 and "interrupted" in err, err
+    last = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert 3 <= last["epoch"] == len(rows_of(tmp_path / "run" / "metrics.csv")) < 25  # metrics.csv as last.pt
+    assert torch.load(tmp_path / "run" / "best.pt", weights_only=True)["epoch"] == last["progress"]["best_epoch"]
+    assert f"interrupted: --resume {tmp_path / 'run'} continues after epoch {last['epoch']}\n" in lines
+    log = []
+    resumed = train.run(run_cfg(resume=str(tmp_path / "run")), log=log.append)
+    assert f"resuming {tmp_path / 'run'}/ after epoch {last['epoch']} (--epochs 25, --patience 100)" in log
+    assert same_results(resumed, train.run(run_cfg(**base, out=str(tmp_path / "whole")), log=quiet))
+
+
+def test_an_interruption_while_an_epoch_is_kept_leaves_best_pt_and_last_pt_of_one_epoch(tmp_path, monkeypatch):
+    base = tiny_run(tmp_path, epochs=4, lr=1e-3)
+    whole = train.run(run_cfg(**base, out=str(tmp_path / "whole")), log=quiet)
+    real = train.Run.keep
+
+    def keep(self, p):
+        if p.epoch == 3:
+            raise KeyboardInterrupt  # the signal lands as this epoch's state is copied
+        return real(self, p)
+    monkeypatch.setattr(train.Run, "keep", keep)
+    with pytest.raises(KeyboardInterrupt):
+        train.run(run_cfg(**base, out=str(tmp_path / "part")), log=quiet)
+    last = torch.load(tmp_path / "part" / "last.pt", weights_only=True)
+    best = torch.load(tmp_path / "part" / "best.pt", weights_only=True)
+    assert last["epoch"] == 2 and best["epoch"] == last["progress"]["best_epoch"]
+    assert all(torch.equal(best["model"][k], v) for k, v in last["progress"]["best_model"].items())
+    monkeypatch.setattr(train.Run, "keep", real)
+    assert same_results(train.run(run_cfg(resume=str(tmp_path / "part")), log=quiet), whole)
 
 
 def test_a_run_that_fails_its_checks_leaves_the_folder_as_it_was(tmp_path):
     out = tmp_path / "run"
     base = tiny_run(tmp_path, epochs=1, out=str(out))
-    train.run(run_cfg(**base), log=lambda *_: None)
+    train.run(run_cfg(**base), log=quiet)
     before = files_of(out)
-    for bad in ({"knn_k": 10 ** 6}, {"topk_out": str(out / "results.json")}, {"topk_out": str(out / "best.pt")}):
-        with pytest.raises(train.UsageError):
-            train.run(run_cfg(**{**base, **bad}), log=lambda *_: None)
-        assert files_of(out) == before
-    with pytest.raises(train.UsageError, match="exists and is not a top-k file"):
-        train.run(run_cfg(eval_only=True, ckpt=str(out / "best.pt"), topk_out=str(out / "best.pt")))
+    with pytest.raises(train.UsageError):
+        train.run(run_cfg(**{**base, "knn_k": 10 ** 6}), log=quiet)
     assert files_of(out) == before
     # a new folder that a failing run would have made is not left behind
     with pytest.raises(train.UsageError):
-        train.run(run_cfg(**{**base, "out": str(tmp_path / "new"), "knn_k": 10 ** 6}), log=lambda *_: None)
+        train.run(run_cfg(**{**base, "out": str(tmp_path / "new"), "knn_k": 10 ** 6}), log=quiet)
     assert not (tmp_path / "new").exists()
-
-
-def test_topk_out_is_checked_before_training_and_replaces_only_a_topk_file(tmp_path):
-    base = tiny_run(tmp_path, epochs=1)
-    (tmp_path / "afile").write_text("")
-    with pytest.raises(train.UsageError, match="is not a folder this user can write to"):
-        train.check(run_cfg(**base, topk_out=str(tmp_path / "afile" / "top.tsv")))
-    top = tmp_path / "top.tsv"
-    train.run(run_cfg(**base, out=str(tmp_path / "a"), topk_out=str(top)), log=lambda *_: None)
-    first = top.read_text()
-    assert first.startswith(train.TOPK_HEADER + "\n")
-    train.run(run_cfg(**base, out=str(tmp_path / "b"), topk_out=str(top)), log=lambda *_: None)  # its own: replaced
-    assert top.read_text() == first
 
 
 def test_two_runs_never_share_a_folder(tmp_path):
@@ -1611,11 +1778,11 @@ def test_two_runs_never_share_a_folder(tmp_path):
     lock.acquire()  # another train.py holds the folder
     try:
         with pytest.raises(train.UsageError, match=re.escape(f"{out}/ is in use by another train.py (pid {os.getpid()})")):
-            train.run(run_cfg(**tiny_run(tmp_path, epochs=1, out=str(out))), log=lambda *_: None)
+            train.run(run_cfg(**tiny_run(tmp_path, epochs=1, out=str(out))), log=quiet)
         assert set(os.listdir(out)) == {".lock"}
     finally:
         lock.release()
-    train.run(run_cfg(**tiny_run(tmp_path, epochs=1, out=str(out))), log=lambda *_: None)  # free again
+    train.run(run_cfg(**tiny_run(tmp_path, epochs=1, out=str(out))), log=quiet)  # free again
     assert (out / "results.json").is_file()
 
 
@@ -1641,127 +1808,33 @@ def test_a_run_on_other_data_of_the_same_name_does_not_replace_it(tmp_path, monk
     # two datasets named `med` in different data folders: the default run folder is the same
     monkeypatch.chdir(tmp_path)
     for k, folder in enumerate(("a", "b")):
-        ds = data.make_synthetic("med", k, TINY)
-        data.write_mmrec(ds, str(tmp_path / folder))
-    train.run(run_cfg(dataset="med", data_dir=str(tmp_path / "a"), epochs=1, batch_size=512, club_steps=2),
-              log=lambda *_: None)
-    folder = tmp_path / train.default_folder(run_cfg(dataset="med", epochs=1, batch_size=512, club_steps=2))
+        data.write_mmrec(data.make_synthetic("med", k, TINY), str(tmp_path / folder))
+    settings = dict(dataset="med", epochs=1, batch_size=512, club_steps=2)
+    train.run(run_cfg(**settings, data_dir=str(tmp_path / "a")), log=quiet)
+    folder = tmp_path / train.default_folder(run_cfg(**settings))
     before = files_of(folder)
     with pytest.raises(train.UsageError, match="holds another run .made on other data"):
-        train.run(run_cfg(dataset="med", data_dir=str(tmp_path / "b"), epochs=1, batch_size=512, club_steps=2),
-                  log=lambda *_: None)
+        train.run(run_cfg(**settings, data_dir=str(tmp_path / "b")), log=quiet)
     assert files_of(folder) == before
 
 
-@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_ctrl_c_or_sigterm_writes_the_last_finished_epoch_and_resume_goes_on_exactly(tmp_path, sig, code):
-    base = tiny_run(tmp_path, epochs=25, patience=100)
-    args = [sys.executable, os.path.join(HERE, "train.py"), "--dataset", "tiny", "--data-dir", base["data_dir"],
-            "--epochs", "25", "--patience", "100", "--batch-size", "512", "--club-steps", "2", "--out", str(tmp_path / "run")]
-    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
-    lines = []
-    for line in p.stdout:  # interrupt once epoch 3 is logged (metrics.csv has 3 rows; last.pt was saved after epoch 1)
-        lines.append(line)
-        if line.startswith("epoch    3"):
-            p.send_signal(sig)
-            time.sleep(0.001)
-            p.send_signal(sig)  # pressed twice: the second waits for the last epoch's files too
-            break
-    rest, err = p.communicate(timeout=300)
-    lines += rest.splitlines(keepends=True)
-    assert p.returncode == code and err.count("\n") == 1 and "interrupted" in err, err
-    saved = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["epoch"]
-    rows = train.read_rows(tmp_path / "run" / "metrics.csv")
-    assert 3 <= saved == len(rows) < 25  # metrics.csv never runs ahead of last.pt
-    best = torch.load(tmp_path / "run" / "best.pt", weights_only=True)["epoch"]
-    assert best == torch.load(tmp_path / "run" / "last.pt", weights_only=True)["progress"]["best_epoch"]
-    assert f"interrupted: --resume {tmp_path / 'run' / 'last.pt'} continues after epoch {saved}\n" in lines
-    log = []
-    resumed = train.run(run_cfg(resume=str(tmp_path / "run" / "last.pt")), log=log.append)
-    assert next(line for line in log if line.startswith("resuming")).startswith(f"resuming {tmp_path / 'run'}/ after epoch {saved} ")
-    whole = train.run(run_cfg(**base, out=str(tmp_path / "whole")), log=lambda *_: None)
-    assert {k: v for k, v in resumed.items() if k not in TIMING} == {k: v for k, v in whole.items() if k not in TIMING}
-
-
-def test_metrics_running_ahead_of_the_checkpoint_is_said_on_resume(tmp_path, monkeypatch):
-    # a SIGKILL leaves metrics.csv after the last checkpoint: the resume line says which epochs run again
-    base = tiny_run(tmp_path, epochs=3, out=str(tmp_path / "run"))
-    monkeypatch.setattr(train, "CHECKPOINT_SECONDS", 1e9)  # last.pt after epoch 1 only, until the end
-    real = train.Run.finish
-    def killed(self, *args):  # as by SIGKILL, before the end of the run: no last word
-        raise SystemExit
-    monkeypatch.setattr(train.Run, "finish", killed)
-    with pytest.raises(SystemExit):
-        train.run(run_cfg(**base), log=lambda *_: None)
-    monkeypatch.setattr(train.Run, "finish", real)
-    lines = []
-    train.run(run_cfg(resume=str(tmp_path / "run" / "last.pt")), log=lines.append)
-    assert next(line for line in lines if line.startswith("resuming")).startswith(f"resuming {tmp_path / 'run'}/ after epoch 1 (--epochs 3, --patience 20); "
-                               f"metrics.csv listed 3 epochs, those after 1 are run again")
-    assert len(train.read_rows(tmp_path / "run" / "metrics.csv")) == 3
-
-
-def test_a_resumed_runs_checkpoints_can_be_evaluated_and_resumed_again(tmp_path, monkeypatch):
-    out = tmp_path / "run"
-    train.run(run_cfg(**tiny_run(tmp_path, epochs=1, out=str(out))), log=lambda *_: None)
-    assert train.run(run_cfg(resume=str(out / "last.pt"), epochs=2), log=lambda *_: None)["epochs_run"] == 2
-    for ckpt in ("best.pt", "last.pt"):  # the saved configuration says it was resumed: not one of its settings
-        metrics = train.run(run_cfg(eval_only=True, ckpt=str(out / ckpt), topk_out=str(tmp_path / "top.tsv")),
-                            log=lambda *_: None)
-        assert set(metrics) == {"valid", "test"}
-    monkeypatch.chdir(tmp_path)  # --out given as another path to the run's own folder
-    assert train.run(run_cfg(resume="run/last.pt", out="run", epochs=3), log=lambda *_: None)["epochs_run"] == 3
-
-
-def test_an_interruption_while_an_epoch_is_kept_leaves_best_pt_and_last_pt_of_one_epoch(tmp_path, monkeypatch):
-    base = tiny_run(tmp_path, epochs=4, lr=1e-3)
-    whole = train.run(run_cfg(**base, out=str(tmp_path / "whole")), log=lambda *_: None)
-    improving = [r["epoch"] for r in train.read_rows(tmp_path / "whole" / "metrics.csv")
-                 if float(r["valid_recall@20"]) > 0][1]  # an epoch after the first whose state is being kept
-    real = train.Run.keep
-
-    def keep(self, p, improved):
-        if p.epoch == int(improving) and improved:
-            raise KeyboardInterrupt  # the signal lands as this epoch's state is copied
-        return real(self, p, improved)
-    monkeypatch.setattr(train.Run, "keep", keep)
-    with pytest.raises(KeyboardInterrupt):
-        train.run(run_cfg(**base, out=str(tmp_path / "part")), log=lambda *_: None)
-    last = torch.load(tmp_path / "part" / "last.pt", weights_only=True)
-    best = torch.load(tmp_path / "part" / "best.pt", weights_only=True)
-    assert last["epoch"] == int(improving) - 1 and best["epoch"] == last["progress"]["best_epoch"]
-    monkeypatch.setattr(train.Run, "keep", real)
-    resumed = train.run(run_cfg(resume=str(tmp_path / "part" / "last.pt")), log=lambda *_: None)
-    assert {k: v for k, v in resumed.items() if k not in TIMING} == {k: v for k, v in whole.items() if k not in TIMING}
+def test_a_grid_run_again_on_changed_data_is_refused_before_anything_runs(tmp_path):
+    base = tiny_run(tmp_path, epochs=1, seeds=1, out=str(tmp_path / "grid"), grid=("alpha=0.012,0.1",))
+    train.run(run_cfg(**base), log=quiet)
+    before = files_of(tmp_path / "grid")
+    change_in_place(tmp_path)
+    with pytest.raises(train.UsageError, match=r"alpha=0.012-seed999/ holds another run \(made on other data"):
+        train.run(run_cfg(**base), log=quiet)
+    assert files_of(tmp_path / "grid") == before
 
 
 def test_a_second_grid_in_the_same_folder_does_not_replace_the_firsts_tables(tmp_path):
     base = tiny_run(tmp_path, epochs=1, seeds=1, out=str(tmp_path / "grid"))
-    train.run(run_cfg(**base, grid=("alpha=0.1,0.2",)), log=lambda *_: None)
+    train.run(run_cfg(**base, grid=("alpha=0.1,0.2",)), log=quiet)
     before = files_of(tmp_path / "grid")
     with pytest.raises(train.UsageError, match=r"grid/ holds the tables of another grid \(alpha=0.1, alpha=0.2\)"):
-        train.run(run_cfg(**base, grid=("alpha=0.3,0.4",)), log=lambda *_: None)
+        train.run(run_cfg(**base, grid=("alpha=0.3,0.4",)), log=quiet)
     assert files_of(tmp_path / "grid") == before
-
-
-def test_topk_out_never_reaches_the_run_folder_by_another_path(tmp_path, monkeypatch):
-    base = tiny_run(tmp_path, epochs=1)
-    out = tmp_path / "run"
-    os.symlink(out, tmp_path / "link")  # a path to the run folder that is not its own name
-    for topk in (tmp_path / "link" / "best.pt", out / ".lock", out, tmp_path / "link"):
-        with pytest.raises(train.UsageError, match="is the run's folder or one of its files"):
-            train.run(run_cfg(**base, out=str(out), topk_out=str(topk)), log=lambda *_: None)
-        assert not out.exists()  # refused before the folder is made
-    later = tmp_path / "notes.txt"
-    real = train.train_epoch
-
-    def someone_writes_there(*args):
-        later.write_text("mine")
-        return real(*args)
-    monkeypatch.setattr(train, "train_epoch", someone_writes_there)
-    with pytest.raises(train.UsageError, match="notes.txt exists and is not a top-k file"):
-        train.run(run_cfg(**base, out=str(out), topk_out=str(later)), log=lambda *_: None)
-    assert later.read_text() == "mine" and (out / "results.json").is_file()  # the run itself is kept
 
 
 def test_folder_names_too_long_for_the_file_system_are_refused_before_anything_runs(tmp_path):
@@ -1769,115 +1842,49 @@ def test_folder_names_too_long_for_the_file_system_are_refused_before_anything_r
     long = tmp_path / ("g" * 300)
     for kw in ({"grid": ("alpha=0.1,0.2",), "seeds": 1}, {}):
         with pytest.raises(train.UsageError, match="is 300 bytes, more than a file system allows"):
-            train.run(run_cfg(**tiny_run(tmp_path, epochs=1, out=str(long), **kw)), log=lambda *_: None)
+            train.run(run_cfg(**tiny_run(tmp_path, epochs=1, out=str(long), **kw)), log=quiet)
     assert os.listdir(tmp_path) == ["data"]
 
 
-@pytest.mark.parametrize("args, expect", [
-    (["--lr", "0x10"], "argument --lr: invalid float value: '0x10' (see --help)"),
-    (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
-    (["--data-seed", "5", "--dataset", "toy"], "--data-seed is read only with a built-in --dataset"),
-    (["--data-dir", "elsewhere"], "--data-dir is not read by the built-in --dataset synthetic"),
-    (["--device", "cpu:1"], "--device cpu:1: the CPU has no device number"),
-])
-def test_more_settings_give_one_line(tmp_path, monkeypatch, capsys, args, expect):
-    write_folder(tmp_path / "data")
-    one_line_error(args, tmp_path, monkeypatch, capsys, expect)
-
-
-@pytest.mark.parametrize("inter, expect", [
-    (HEADER + "0\x00\t1\t1\t1\t0\n", "toy.inter:2: userID '0\\x00' is not an integer"),
-    ("userID\titemID\tuserID\tx_label\n0\t1\t0\t0\n", "the header names userID twice"),
-    (HEADER + "0\t1\t1\t1\t0\n\n\n0\t2\t1\t1\t5\n", "toy.inter:5: x_label 5 is not 0"),  # the file's line, blanks counted
-])
-def test_inter_files_are_read_strictly_with_the_files_line_numbers(tmp_path, inter, expect):
-    with pytest.raises(data.DataError, match=re.escape(expect)):
-        data.load_mmrec(write_folder(tmp_path, inter=inter), "toy")
-
-
-def test_features_beyond_float32_give_one_line_not_a_warning(tmp_path, recwarn):
-    image = np.ones((7, 6))
-    image[3, 2] = 1e300
-    with pytest.raises(data.DataError, match="1 rows hold NaN or inf, or values beyond float32's range"):
-        data.load_mmrec(write_folder(tmp_path, image=image), "toy")
-    assert not recwarn.list
-
-
-def test_a_run_with_no_finished_epoch_exits_1(tmp_path, monkeypatch, capsys):
-    base = tiny_run(tmp_path, lr=1e30, epochs=2)
-    code, err = cli(["--dataset", "tiny", "--data-dir", base["data_dir"], "--lr", "1e30", "--epochs", "2",
-                     "--club-steps", "2", "--out", tmp_path / "run"], tmp_path, monkeypatch, capsys)
-    assert code == 1 and err == "" and json.loads((tmp_path / "run" / "results.json").read_text())["diverged"]
-
-
-def npy_header_claiming(shape):
-    buf = io.BytesIO()
-    np.lib.format.write_array_header_1_0(buf, {"descr": "<f4", "fortran_order": False, "shape": shape})
-    return buf.getvalue() + b"\0" * 64
-
-
-@pytest.mark.parametrize("name, content, expect", [
-    ("inter", HEADER + "--3\t1\t1\t1\t0\n", "userID '--3' is not an integer"),
-    ("inter", HEADER + "\u00b2\t1\t1\t1\t0\n", "userID '\u00b2' is not an integer"),
-    ("inter", HEADER + "0\t99999999999999999999\t1\t1\t0\n", "itemID 99999999999999999999 is too large"),
-    ("image", b"", "image_feat.npy: not a readable .npy array"),
-    ("image", "npz", "image_feat.npy: not a readable .npy array"),
-    ("image", npy_header_claiming((7, 2 ** 40)), "its header promises (7, 1099511627776) float32"),
-    ("image", np.ones((7, 6), dtype=np.complex64), "dtype complex64 is not a real number type"),
-])
-def test_bad_files_give_one_line(tmp_path, monkeypatch, capsys, name, content, expect):
-    folder = tmp_path / "data" / "toy"
-    write_folder(tmp_path / "data", inter=content if name == "inter" else None)
-    if name == "image":
-        path = folder / "image_feat.npy"
-        if isinstance(content, np.ndarray):
-            np.save(path, content)
-        elif content == "npz":
-            np.savez(tmp_path / "x.npz", a=np.ones((7, 6)))
-            os.replace(tmp_path / "x.npz", path)
-        else:
-            path.write_bytes(content)
-    one_line_error(["--dataset", "toy", "--knn-k", "2"], tmp_path, monkeypatch, capsys, expect)
-
-
-@pytest.mark.parametrize("args, expect", [
-    (["--batch-size", 10 ** 20], "--batch-size must be at most 2147483647"),
-    (["--seed", 10 ** 20], "--seed must be at most"),
-    (["--mlp-dim", 10 ** 12], "--mlp-dim must be at most"),
-    (["--embed-dim", 10 ** 20], "--embed-dim must be at most"),
-    (["--mlp-dim", 2 ** 21], "--mlp-dim must be at most 1048576"),
-    (["--head-dim", 2 ** 20], "this run needs at least"),  # within range, beyond memory: the estimate refuses it
-    (["--club-hidden", 2 ** 20], "this run needs at least"),  # the estimator's parameters are counted too
-    (["--backbone", "vbpr", "--embed-dim", "1"], "give an even number, 2 or more (got 1)"),
-    (["--backbone", "vbpr", "--embed-dim", "7"], "give an even number, 2 or more (got 7)"),
-    (["--device", "meta"], "--device meta: only cpu and cuda are supported"),
-    (["--device", "mps"], "--device mps: only cpu and cuda are supported"),
-    (["--data-seed", "-1"], "--data-seed must be at least 0"),
-    (["--resume", ""], "--resume '' is empty"),
-    (["--backbone", "vbpr", "--dropout", "1"], "--dropout must be below 1 (got 1.0)"),
-    (["--grid", "knn_k=5,5000"], "--grid point knn_k=5000: --knn-k 5000 is more than the 1144 items"),
-])
-def test_bad_settings_give_one_line(tmp_path, monkeypatch, capsys, args, expect):
-    one_line_error(args, tmp_path, monkeypatch, capsys, expect)
-    assert not (tmp_path / "runs").exists()  # checked before anything is written
-
-
-def test_a_foreign_checkpoint_gives_one_line(tmp_path, monkeypatch, capsys):
-    out = tmp_path / "run"
-    train.run(run_cfg(**tiny_run(tmp_path, epochs=1, out=str(out))), log=lambda *_: None)
+def test_a_file_that_is_not_a_checkpoint_is_refused(tmp_path, monkeypatch, capsys):
+    text, other = tmp_path / "metrics.csv", tmp_path / "other.pt"
+    text.write_text("epoch,bpr\n1,0.7\n")
+    torch.save({"weights": torch.zeros(2)}, other)
+    for path in (text, other):
+        one_line_error(["--eval-only", path], tmp_path, monkeypatch, capsys,
+                       f"{path} is not a checkpoint written by this train.py")
+    out = tmp_path / "run"  # a checkpoint of ours, changed: other tensors, a setting this train.py does not know
+    train.run(run_cfg(**tiny_run(tmp_path, epochs=1, out=str(out))), log=quiet)
     ckpt = torch.load(out / "best.pt", weights_only=True)
-    foreign = {**ckpt, "model": {k: torch.zeros(3) for k in ckpt["model"]}}  # the right keys, other tensors
-    torch.save(foreign, tmp_path / "foreign.pt")
-    one_line_error(["--eval-only", "--ckpt", tmp_path / "foreign.pt"], tmp_path, monkeypatch, capsys,
-                   "does not fit its run's model")
-    unknown = {**ckpt, "config": {**ckpt["config"], "sand": {**ckpt["config"]["sand"], "lamda": 0.1}}}
-    torch.save(unknown, tmp_path / "unknown.pt")
-    one_line_error(["--eval-only", "--ckpt", tmp_path / "unknown.pt"], tmp_path, monkeypatch, capsys,
+    torch.save({**ckpt, "model": {k: torch.zeros(3) for k in ckpt["model"]}}, tmp_path / "foreign.pt")
+    one_line_error(["--eval-only", tmp_path / "foreign.pt"], tmp_path, monkeypatch, capsys, "does not fit its run's model")
+    torch.save({**ckpt, "config": {**ckpt["config"], "sand": {**ckpt["config"]["sand"], "lamda": 0.1}}}, tmp_path / "u.pt")
+    one_line_error(["--eval-only", tmp_path / "u.pt"], tmp_path, monkeypatch, capsys,
                    "a saved configuration that this train.py cannot read (make_config: no setting lamda)")
     last = torch.load(out / "last.pt", weights_only=True)
-    torch.save({**last, "opt": {"state": {}, "param_groups": []}}, tmp_path / "last.pt")
-    one_line_error(["--resume", tmp_path / "last.pt"], tmp_path, monkeypatch, capsys,
-                   "the checkpoint does not fit this run's model")
+    torch.save({**last, "opt": {"state": {}, "param_groups": []}}, out / "last.pt")
+    one_line_error(["--resume", out], tmp_path, monkeypatch, capsys, "the checkpoint does not fit this run's model")
+
+
+def test_a_full_disk_or_a_file_size_limit_gives_one_line(tmp_path):
+    base = tiny_run(tmp_path)
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))  # last.pt is larger
+    r = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--dataset", "tiny", "--data-dir", base["data_dir"],
+                        "--epochs", "2", "--club-steps", "2", "--out", str(tmp_path / "run")],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path, preexec_fn=limit)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith(f"train.py: error: cannot write a checkpoint in {tmp_path / 'run'}/ ([Errno 27] File too "
+                               f"large): is the disk full?")
+
+
+def test_ctrl_c_while_torch_loads_leaves_without_a_traceback(tmp_path):
+    p = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py")], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    time.sleep(0.3)  # train.py is importing torch, numpy and itself (seconds)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and "Traceback" not in err and err.count("\n") <= 1, err
+    assert not (tmp_path / "runs").exists()
 
 
 def test_the_memory_a_run_needs_is_estimated_before_it_is_built(tmp_path, monkeypatch):
@@ -1887,20 +1894,33 @@ def test_the_memory_a_run_needs_is_estimated_before_it_is_built(tmp_path, monkey
     inter = HEADER + "".join(f"{u}\t{i}\t1\t1\t{x}\n" for u, i, x in rows)
     write_folder(tmp_path / "data", "wide", inter=inter, image=rng.random((40, 20000), dtype=np.float32),
                  text=rng.random((40, 8)))
-    monkeypatch.setattr(train, "memory_available", lambda device: 2 ** 30)
+    monkeypatch.setattr(data, "memory_available", lambda: 2 ** 30)
+    read = []
+    monkeypatch.setattr(data, "read_features", lambda *a: read.append(a))  # the features are never read
     cfg = run_cfg(dataset="wide", data_dir=str(tmp_path / "data"), knn_k=3, out=str(tmp_path / "run"))
     with pytest.raises(train.UsageError, match=r"this run needs at least 6\.1 GiB \(406,\d{3},\d{3} parameters.*the "
-                                               r"largest, transform\.image\.weight, is 20000 x 20000; the CLUB estimator's activations, 2 x 40 "
-                                               r"pairs through --club-hidden 8\), more than the 1\.0 GiB"):
-        train.run(cfg, log=lambda *_: None)
-    assert not (tmp_path / "run").exists()
-    # the estimate counts the real model's parameters
+                                               r"largest, transform\.image\.weight, is 20000 x 20000; the CLUB estimator's "
+                                               r"activations, 2 x 40 pairs through --club-hidden 8\), more than the 1\.0 GiB"):
+        train.run(cfg, log=quiet)
+    assert not (tmp_path / "run").exists() and read == []
+    # the estimate counts the real model's parameters, the estimator's among them
     ds = tiny()
-    for c in (run_cfg(), run_cfg(backbone="vbpr"), run_cfg(backbone="vbpr", dist="none", align="none")):
+    for c in (run_cfg(), run_cfg(backbone="vbpr"), run_cfg(backbone="vbpr", dist="none", align="none"),
+              run_cfg(backbone="freedom")):
         model, club = train.build(c, ds, torch.device("cpu"), 0)[:2]
         n = sum(p.numel() for p in model.parameters()) + sum(p.numel() for p in club.parameters())
         estimator = 4 * 4 * 2 * ds.n_items * 2 * c.sand.club_hidden if c.sand.dist == "mi" else 0  # its activations
-        assert train.memory_needed(c, ds)[0] == 16 * n + 4 * ds.n_items * (48 + 24) + estimator
+        assert train.memory_needed(c, ds.n_users, ds.n_items, {"image": 48, "text": 24})[0] == \
+            16 * n + 4 * ds.n_items * (48 + 24) + estimator
+
+
+def test_a_feature_file_larger_than_memory_is_refused_from_its_header(tmp_path, monkeypatch):
+    write_folder(tmp_path, image=np.ones((7, 6000)))  # 168 kB as float32
+    monkeypatch.setattr(data, "memory_available", lambda: 100_000)
+    monkeypatch.setattr(np, "load", lambda *a, **k: pytest.fail("the file was read"))
+    with pytest.raises(data.DataError, match=r"image_feat.npy: 7 x 6000 float64 values need 0\.0 GiB to read as float32, "
+                                             r"more than the 0\.0 GiB of memory available"):
+        data.load_mmrec(str(tmp_path), "toy")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2067,32 +2087,6 @@ def test_an_edit_to_a_plain_piece_that_the_fast_tier_lacks_stops_a_run_with_one_
 
 # ---------------------------------------------------------------------------------------------
 # Flags that a variant does not read
-
-@pytest.mark.parametrize("kw, expect", [
-    ({"dist": "l2", "ureg": 0.1}, "--ureg is read only with --dist mi"),
-    ({"dist": "l2", "club_fit": "intra"}, "--club-fit is read only with --dist mi"),
-    ({"dist": "l2", "club_steps": 3}, "--club-steps is read only with --dist mi"),
-    ({"dist": "mi", "club_steps": 50, "dist_dim": 32, "w_l2": 0.01}, "--w-l2 is read only with --dist l2"),
-    ({"backbone": "vbpr", "knn_k": 5}, "--knn-k is not read by --backbone vbpr"),
-    ({"backbone": "vbpr", "mlp_dim": 8}, "--mlp-dim is read only with --backbone dragon"),
-    ({"backbone": "freedom", "dist_dim": 8}, "--dist-dim is read only with --backbone dragon"),
-    ({"backbone": "freedom", "dropout": 0.1}, "--dropout is read only with --backbone vbpr"),
-    ({"reg_weight": 0.1}, "--reg-weight is read only with --backbone vbpr or freedom"),
-    ({"backbone": "vbpr", "edge_dropout": 0.5}, "--edge-dropout is read only with --backbone freedom"),
-    ({"backbone": "vbpr", "n_layers": 1}, "--n-layers is not read by --backbone vbpr"),
-    ({"align": "none", "tau": 0.3}, "--tau is read only with --align solo or complete"),
-    ({"align": "none", "alpha": 0.1}, "--alpha is read only with --align solo or complete"),
-    ({"dist": "none", "dist_dim": 16}, "--dist-dim is read only with --dist mi or l2"),
-    ({"dropout": 0.1}, "--dropout is read only with --backbone vbpr"),
-    ({"backbone": "vbpr", "dist": "none", "align": "none", "eval_dropout": True}, "--eval-dropout is read only with --dropout above 0"),
-    ({"backbone": "vbpr", "dist": "none", "align": "none", "head_dim": 8}, "--head-dim is read only with --align solo or complete"),
-])
-def test_a_flag_the_variant_does_not_read_is_refused(kw, expect):
-    with pytest.raises(train.UsageError, match=re.escape(expect)):
-        train.check_read(run_cfg(**kw))
-    read = {k: v for k, v in kw.items() if k in ("backbone", "dist", "align")}
-    train.check_read(run_cfg(**read))  # the variant alone is fine
-
 
 def test_a_grid_runs_each_distinct_point_once_and_refuses_a_setting_no_point_reads():
     # the README's old example sweep: --dist l2 reads no --ureg, so half its runs were the others again

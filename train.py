@@ -3,12 +3,13 @@
     python train.py                              # the built-in synthetic dataset, no download
     python train.py --dataset baby --dist l2     # data/baby/ in MMRec's format
 
-Read it top to bottom: 1. BPR sampling, 2. evaluation, 3. one training step (train_step), 4. the epoch
-loop with early stopping (fit), 5. what the learned parts carry (a diagnostic on the built-in data).
-Below the banner "Run management" comes what keeps runs safe and comparable: the configuration and its
-checks, the run folder, checkpoints, resume and interruption, grids, progress, CUDA graphs and the
-command line. A reader of the method may stop at that banner. Defaults live in one place each:
-TrainConfig below, and SANDConfig (with the VBPR backbone's) in sand.py.
+Read it top to bottom: 1. BPR sampling, 2. evaluation, 3. one training step (train_step; on a GPU the same
+step recorded once as a CUDA graph), 4. the epoch loop with early stopping (fit: it builds the model, trains,
+and leaves it at its best epoch), 5. what the learned parts carry (a diagnostic on the built-in data). Below
+the banner "Run management": the configuration (make_config and check: each setting's value, and whether it
+may be given), the run folder (Run: its files, checkpoints, resume, interruption), grids and the command line.
+A reader of the method may stop at that banner. A setting's default lives in its field: TrainConfig below,
+SANDConfig in sand.py, each with its backbones' own defaults beside it.
 """
 import argparse
 import contextlib
@@ -22,12 +23,17 @@ import json
 import math
 import os
 import platform
+import re
 import resource
 import signal
 import sys
 import time
+import uuid
 import warnings
 from dataclasses import dataclass, field
+
+if __name__ == "__main__":  # Ctrl-C while torch loads (seconds): leave quietly, nothing is written yet
+    signal.signal(signal.SIGINT, lambda *_: (sys.stderr.write("train.py: interrupted\n"), os._exit(130)))
 
 import numpy as np
 import torch
@@ -53,27 +59,22 @@ class TrainConfig:
                            "without improving (MMRec's rule: 20 stops at the 21st)", min=0, max=10 ** 9)
     batch_size: int = option(2048, "BPR triples per training batch", min=1, max=2 ** 31 - 1)
     lr: float = option(1e-4, "Adam learning rate (model and CLUB estimator)", above=0, vbpr=1e-3, freedom=1e-3)
-    plain: bool = option(False, "run sand.py's plain tier (autograd, X_m formed) instead of its fast paths "
-                         "(section 5 of sand.py), and on a GPU without CUDA graphs: the same "
-                         "mathematics, other float rounding; slower")
+    plain: bool = option(False, "run sand.py's plain code (autograd, X_m formed) instead of its fast paths, and on "
+                         "a GPU without CUDA graphs: the same mathematics, other float rounding; slower")
     out: str = option("", "run folder (default: runs/<dataset>-<dist>-seed<seed>, then -setting=value for each "
                       "other setting not at its default)")
-    topk_out: str = option("", "write the top-20 items of every test user at the best epoch to this TSV (a new "
-                           "file, or one that --topk-out wrote before)")
-    eval_only: bool = option(False, "evaluate the checkpoint --ckpt on valid and test, no training")
-    ckpt: str = option("", "checkpoint for --eval-only")
-    resume: str = option("", "continue the run that wrote this checkpoint (last.pt: written after the first epoch, "
-                         "then at most once a minute, at the end, and on Ctrl-C or SIGTERM), in its folder and with "
-                         "its settings; --epochs and --patience may extend it")
+    resume: str = option("", "continue the run in this folder (or its last.pt), with its settings: --epochs and "
+                         "--patience may extend it, --device, --data-dir and --profile may change", metavar="RUN")
+    eval_only: str = option("", "evaluate this run folder's best epoch (or a checkpoint: RUN/best.pt, RUN/last.pt) on "
+                            "valid and test, no training; --device and --data-dir may change", metavar="RUN")
     ablation: bool = option(False, "run the ablation grid (SAND with mi and l2, cross and intra CLUB fitting, "
                             "alignment only, distancing only, neither, complete alignment) and write "
                             "ablation.csv/.md/.json")
     grid: tuple = option((), "run every point of the product of the listed settings, e.g. --grid alpha=0.012,0.1 "
-                         "tau=0.1,0.2 (any model or training setting that changes results), and write "
-                         "grid.csv/.md/.json; the chosen point is the best mean valid Recall@20, a tie going to "
-                         "the point listed first. Run again, it reads back finished runs and resumes interrupted "
-                         "ones", nargs="+", metavar="SETTING=V1,V2,...")
-    seeds: int = option(3, "seeds per point in --ablation or --grid: --seed, --seed + 1, ...", min=1, max=10 ** 6)
+                         "tau=0.1,0.2 (any setting that changes results), and write grid.csv/.md/.json; the chosen "
+                         "point is the best mean valid Recall@20, a tie going to the point listed first. Run again, "
+                         "it reads back finished runs and resumes interrupted ones", metavar="SETTING=V1,V2,...")
+    seeds: int = option(3, "seeds per point in --ablation or --grid: --seed, --seed + 1, ...", min=1, max=10 ** 4)
     profile: bool = option(False, "print per-epoch seconds in sampling, forward, backward, estimator, "
                            "optimizer and evaluation (synchronises the device; on a GPU the steps then "
                            "run without CUDA graphs, so that each phase can be timed)")
@@ -85,10 +86,12 @@ class TrainConfig:
 class BPRSampler:
     """Every train interaction once per epoch in a fresh random order, each with one negative drawn
     uniformly from the items that occur in the train split and redrawn while it is one of the
-    user's train items (MMRec's protocol). Vectorised, on the training device, from `generator`."""
+    user's train items (MMRec's protocol). Vectorised, on the training device, from `generator`; the CLUB
+    bound's permutations from `perm_generator` (default: the same one)."""
 
-    def __init__(self, train, n_items, generator):
+    def __init__(self, train, n_items, generator, perm_generator=None):
         self.pairs, self.n_items, self.gen = train, n_items, generator  # [N, 2] on the device
+        self.perm_gen = perm_generator or generator
         self.train_keys = torch.unique(train[:, 0] * n_items + train[:, 1])  # sorted
         self.candidates = torch.unique(train[:, 1])  # items in the train split
         per_user = torch.bincount(self.train_keys // n_items)
@@ -117,12 +120,12 @@ class BPRSampler:
     def epoch(self, batch_size, n_perms=0):
         """-> list of (users, positives, negatives, permutations) batches, [B] each; with n_perms, the
         permutations are n_perms random orders of all items [n_perms, I] (the CLUB bound's, one per
-        modality), else None: everything random in an epoch is drawn here, from one generator."""
+        modality), else None. Everything random in an epoch is drawn here."""
         order = torch.randperm(len(self.pairs), generator=self.gen, device=self.pairs.device)
         user, pos = self.pairs[order].unbind(1)
         neg = self.negatives(user)
         batches = zip(user.split(batch_size), pos.split(batch_size), neg.split(batch_size))
-        perm = lambda: torch.randperm(self.n_items, generator=self.gen, device=user.device)  # [I]
+        perm = lambda: torch.randperm(self.n_items, generator=self.perm_gen, device=user.device)  # [I]
         return [(u, p, n, torch.stack([perm() for _ in range(n_perms)]) if n_perms else None) for u, p, n in batches]
 
 
@@ -136,7 +139,8 @@ class Evaluator:
         NDCG@K   = sum_r h_r / log2(r + 1)  /  sum_{r <= min(n_u, K)} 1 / log2(r + 1)
     both averaged over the split's users. Since both splits mask the same train items, one top-K per
     user serves valid and test. The masks are indexed once here, so evaluating is a few large tensor
-    ops per chunk of users and one host sync. A pair repeated within a split counts once.
+    ops per chunk of users and one host sync. A pair repeated within a split counts once; a masked item
+    is never ranked, even where fewer than K items are left.
     Scores come from a function score(users [b]) -> [b, I], a new tensor (it is masked in place)."""
 
     def __init__(self, train, splits, n_items, device, chunk=None):
@@ -163,18 +167,21 @@ class Evaluator:
 
     @torch.no_grad()
     def topk(self, score, k=max(KS)):
-        """-> [n_eval, k] item ids per user of self.users, best first, train items excluded."""
+        """-> [n_eval, k] item ids per user of self.users, best first, train items excluded (-1 where fewer than
+        k items are left to rank)."""
         out = []
         for users, rows, cols in self.chunks:
             scores = score(users)  # [b, I]
             scores[rows, cols] = -math.inf
-            out.append(scores.topk(min(k, self.n_items), dim=1).indices)
+            top = scores.topk(min(k, self.n_items), dim=1)
+            out.append(top.indices.masked_fill(top.values == -math.inf, -1))
         return torch.cat(out)
 
     @torch.no_grad()
     def __call__(self, score):
         """-> {split: {"recall@10": ..., "ndcg@10": ..., "recall@20": ..., "ndcg@20": ...}}"""
-        top_keys = self.users[:, None] * self.n_items + self.topk(score)  # [n_eval, K]
+        top = self.topk(score)  # [n_eval, K]
+        top_keys = torch.where(top >= 0, self.users[:, None] * self.n_items + top, -1)  # -1: no item, never a hit
         names, values = [], []
         for split, (keys, rows, n_u) in self.splits.items():
             hits = torch.isin(top_keys[rows], keys).double()  # [n_split_users, K]
@@ -195,7 +202,7 @@ def make_evaluator(ds, device):
 
 
 def scorer(model):
-    """-> score(users [b]) -> [b, I]: the model's score of every item (SAND.score), from embeddings
+    """-> score(users [b]) -> [b, I]: the model's score of every item (sand.score), from embeddings
     recomputed in eval mode (not left over from the last training batch)."""
     model.eval()
     with torch.no_grad():
@@ -218,8 +225,7 @@ def most_popular(ds, device):
 
 def train_step(model, club, opt, club_opt, batch, hp, lap=lambda phase: None):
     """One step on a batch (users, positives, negatives [B] each, the CLUB bound's permutations [2, I] or
-    None); `hp` is the model's SANDConfig, `lap` a timer (--profile).
-    -> the loss terms {name: tensor}.
+    None); `hp` is the model's SANDConfig, `lap` a timer (--profile). -> the loss terms {name: tensor}.
     The objective (sand.sand_loss): L = BPR + alpha * SoloSim + (ureg * CLUB  or  w_l2 * negL2)."""
     user, pos, neg, perms = batch
     # 1. forward and loss
@@ -243,6 +249,7 @@ def train_step(model, club, opt, club_opt, batch, hp, lap=lambda phase: None):
 def train_epoch(model, step, sampler, cfg, lap=lambda phase: None):
     """One pass over the train interactions, `step(batch)` per batch; -> the mean of each loss term."""
     model.train()
+    model.new_epoch(sampler.gen)  # FREEDOM draws this epoch's pruned graph; the other backbones draw nothing
     batches = sampler.epoch(cfg.train.batch_size, n_perms=len(MODALITIES) if cfg.sand.dist == "mi" else 0)
     lap("sample")
     sums = {}
@@ -253,6 +260,41 @@ def train_epoch(model, step, sampler, cfg, lap=lambda phase: None):
     names = list(sums)
     values = (torch.stack([sums[k] for k in names]) / len(batches)).tolist()  # one host sync
     return dict(zip(names, values))
+
+
+class CUDAGraphed:
+    """On a GPU, a training step `step(batch) -> loss terms` run as CUDA graphs: the same kernels on the same memory,
+    so the same numbers, without launching them one by one from Python. The second batch of each size records the
+    whole step once (forward, backward, the estimator's steps, both optimizer steps: thousands of kernels at Baby's
+    size, most of them the estimator's), and every later batch of that size copies its tensors into the graph's
+    input buffers and replays it. The first batch of each size runs directly, which also makes the optimizers'
+    state that the graph then updates."""
+
+    def __init__(self, step, optimizers):
+        self.step, self.optimizers = step, optimizers
+        self.seen, self.graphs = set(), {}  # batch sizes run so far; size: (graph, its input buffers, its terms)
+
+    def __call__(self, batch):
+        size = len(batch[0])
+        if size not in self.seen:
+            self.seen.add(size)
+            return self.step(batch)
+        if size not in self.graphs:  # record (capture runs nothing), then replay below
+            inputs = [None if t is None else t.clone() for t in batch]  # the graph's inputs, at fixed addresses
+            graph, groups = torch.cuda.CUDAGraph(), [g for o in self.optimizers for g in o.param_groups]
+            for g in groups:  # capture asks for it; fused Adam computes the same either way
+                g["capturable"] = True
+            with torch.cuda.graph(graph):
+                terms = self.step(inputs)
+            for g in groups:
+                g["capturable"] = False
+            self.graphs[size] = graph, inputs, terms
+        graph, inputs, terms = self.graphs[size]
+        for buffer, t in zip(inputs, batch):
+            if t is not None:
+                buffer.copy_(t)
+        graph.replay()
+        return {k: v.clone() for k, v in terms.items()}  # the next replay overwrites them
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,6 +308,7 @@ class Progress:
     bad_epochs: int = 0  # epochs in a row since it last improved
     best_epoch: int | None = None
     best: dict | None = None  # valid and test metrics of the best epoch
+    best_model: dict | None = None  # the model's weights at the best epoch
     diverged: int | None = None  # the epoch after which a loss or a weight was not finite
     history: list = field(default_factory=list)  # metrics.csv: a row per epoch
     diagnostic_init: dict | None = None  # what the parts carried before training (built-in data)
@@ -280,22 +323,51 @@ def early_stopping(score, best, bad_epochs):
     return best, bad_epochs + 1, False
 
 
-def fit(cfg, ds, device, out, resume=None, log=print):
-    """Train on `ds` with early stopping on valid Recall@20, in run folder `out`: a new run, or the one
+def build(cfg, ds, device, seed=None):
+    """Model, CLUB estimator and their optimizers, initialised from `seed` (default: the run's)."""
+    torch.manual_seed(cfg.train.seed if seed is None else seed)
+    features = {m: torch.from_numpy(getattr(ds, m)).to(device) for m in MODALITIES}
+    if cfg.sand.backbone != "vbpr":
+        STATUS.show(f"building the item-item kNN graph of {ds.n_items} items ...")
+    model, club = sand.build_model(cfg.sand, ds.n_users, features, torch.from_numpy(ds.train), fast=not cfg.train.plain)
+    model, club = model.to(device), club.to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, fused=True)
+    club_opt = torch.optim.Adam(club.parameters(), lr=cfg.train.lr, fused=True)
+    return model, club, opt, club_opt
+
+
+def check_tiers(hp, ds, log):
+    """Stop with one line if a fast path no longer computes what its plain piece does (sand.tier_mismatch)."""
+    STATUS.show("checking the fast paths against the plain code ...")
+    t0 = time.perf_counter()
+    why = sand.tier_mismatch(hp, {"image": ds.image.shape[1], "text": ds.text.shape[1]})
+    if why:
+        raise UsageError(why)
+    log(f"the fast paths compute what the plain code does on a small instance of this configuration "
+        f"({time.perf_counter() - t0:.1f} s)")
+
+
+def fit(cfg, ds, device, folder, resume=None, log=print):
+    """Train on `ds` with early stopping on valid Recall@20, in run folder `folder` (Run): a new run, or the one
     that checkpoint `resume` continues. -> (results, the model at its best epoch, the evaluator)"""
     t = cfg.train
-    if not t.plain:  # the fast tier must compute what the plain code says, as it stands now
+    if not t.plain:  # the fast paths must compute what the plain code says, as it stands now
         check_tiers(cfg.sand, ds, log)
-    model, club, opt, club_opt = build(cfg, ds, device, t.seed)
-    sampler = BPRSampler(torch.from_numpy(ds.train).to(device), ds.n_items,
-                         torch.Generator(device=device).manual_seed(t.seed))
+    model, club, opt, club_opt = build(cfg, ds, device)
+    gen = torch.Generator(device=device).manual_seed(t.seed)
+    # FREEDOM+SAND draws the CLUB's permutations from a generator of their own, so that SAND leaves FREEDOM's
+    # sampling as it is (at --reg-weight 0 its scores are FREEDOM's); the other backbones draw them after the
+    # epoch's negatives, as they always have
+    perm_gen = torch.Generator(device=device).manual_seed(t.seed) if cfg.sand.backbone == "freedom" else gen
+    sampler = BPRSampler(torch.from_numpy(ds.train).to(device), ds.n_items, gen, perm_gen)
     evaluator = make_evaluator(ds, device)
     timer = Timer(device, sync=t.profile)
     step = functools.partial(train_step, model, club, opt, club_opt, hp=cfg.sand, lap=timer.lap)
-    if device.type == "cuda" and not (t.plain or t.profile):
-        step = CUDAGraphed(step, [opt, club_opt])  # the same step, recorded once and replayed
-    with Run(cfg, ds, out, log) as run:
-        p = run.start(model, club, opt, club_opt, sampler.gen, resume)  # a new Progress, or the checkpoint's
+    if device.type == "cuda" and not (t.plain or t.profile or cfg.sand.backbone == "freedom"):
+        step = CUDAGraphed(step, [opt, club_opt])  # the same step, recorded once and replayed (FREEDOM's graph
+        # changes every epoch, so its steps run directly)
+    with Run(cfg, ds, folder, log) as run:
+        p = run.start((model, club, opt, club_opt, [gen, perm_gen]), resume)  # a new Progress, or the checkpoint's
         while p.epoch < t.epochs and p.bad_epochs <= t.patience and p.diverged is None:
             epoch, t0 = p.epoch + 1, time.perf_counter()
             terms = train_epoch(model, step, sampler, cfg, timer.lap)
@@ -309,22 +381,14 @@ def fit(cfg, ds, device, out, resume=None, log=print):
             p.best_score, p.bad_epochs, improved = early_stopping(metrics["valid"]["recall@20"], p.best_score,
                                                                   p.bad_epochs)
             if improved:
-                p.best_epoch, p.best = epoch, metrics
+                p.best_epoch, p.best, p.best_model = epoch, metrics, copy.deepcopy(model.state_dict())
             p.epoch = epoch
-            run.end_epoch(p, terms, metrics, improved, t1 - t0, t2 - t1, timer)  # metrics.csv, checkpoints, log
-        results = run.finish(p, model, evaluator)  # last.pt, best.pt, results.json; the model back at its best epoch
+            run.end_epoch(p, terms, metrics, improved, t1 - t0, t2 - t1, timer)  # metrics, checkpoint when due, log
+        run.checkpoint(p)  # the last epoch's state: last.pt, best.pt, metrics.csv
+        if p.best_model is not None:
+            model.load_state_dict(p.best_model)  # the model at its best epoch, which the results are of
+        results = run.finish(p, model, evaluator)  # results.json, topk.tsv
     return results, model, evaluator
-
-
-def check_tiers(hp, ds, log):
-    """Stop with one line if a fast path no longer computes what its plain piece does (sand.tier_mismatch)."""
-    STATUS.show("checking the fast tier against the plain one ...")
-    t0 = time.perf_counter()
-    why = sand.tier_mismatch(hp, {"image": ds.image.shape[1], "text": ds.text.shape[1]})
-    if why:
-        raise UsageError(why)
-    log(f"the fast tier computes what the plain one does on a small instance of this configuration "
-        f"({time.perf_counter() - t0:.1f} s)")
 
 
 def finite(terms, *modules):
@@ -405,18 +469,15 @@ def format_diagnostic(init, best):
     return "\n".join(lines)
 
 
+
 # =============================================================================================
-# Run management. Nothing below changes what a run computes: it builds and checks the configuration,
-# keeps the run's folder whole (checked before it is touched, locked while in use, every file written
-# whole, the last finished epoch written on an interruption), resumes, runs grids, shows progress,
-# records the training step as a CUDA graph on a GPU, and reads the command line.
+# Run management. Nothing below changes what a run computes: the configuration (each setting's value, and
+# whether it may be given), the run folder (its files, checkpoints, resume, interruption), grids, progress and
+# the command line.
 
 class UsageError(Exception):
     """A command line that cannot be carried out; the message says why in one line."""
 
-
-# ---------------------------------------------------------------------------------------------
-# The configuration: settings as given, the rest at the variant's defaults, and their checks
 
 @dataclass
 class RunConfig:
@@ -429,61 +490,47 @@ class RunConfig:
 
 
 FIELDS = {f.name: f for part in (SANDConfig, TrainConfig) for f in dataclasses.fields(part)}
+HOW = ("data_dir", "device", "out", "resume", "eval_only", "ablation", "grid", "seeds", "profile")  # not what it computes
+MAY_CHANGE = {"resume": ("epochs", "patience", "device", "data_dir", "profile"),  # the flags a saved run lets change
+              "eval_only": ("device", "data_dir")}
+MAX_RUNS = 10_000  # in one grid
 
 
 def flag(name):
-    """The command-line flag of a configuration field: club_fit -> --club-fit."""
-    return "--" + name.replace("_", "-")
-
-
-def variant_defaults(backbone, dist, align):
-    """{setting: default} where the variant's default differs from its field's: the backbone's own, given in
-    the field (option(..., vbpr=...)), and plain VBPR's (plain_vbpr=...)."""
-    keys = [backbone] + (["plain_" + backbone] if dist == align == "none" else [])
-    return {name: f.metadata[k] for name, f in FIELDS.items() for k in keys if k in f.metadata}
-
-
-def make_config(given=None, **settings):
-    """A run configuration with these settings; every other one at its default for the variant. The
-    settings count as given (checked by check_read) unless `given` names which ones were."""
-    unknown = settings.keys() - FIELDS.keys()
-    if unknown:
-        raise TypeError(f"make_config: no setting {', '.join(sorted(unknown))}")
-    backbone = settings.get("backbone", SANDConfig.backbone)
-    pick = lambda name, extra: settings.get(name, extra.get(name, FIELDS[name].default))
-    first = variant_defaults(backbone, None, None)
-    defaults = variant_defaults(backbone, pick("dist", first), pick("align", first))
-    values = {name: pick(name, defaults) for name in FIELDS}
-    return RunConfig(SANDConfig(**{f.name: values[f.name] for f in dataclasses.fields(SANDConfig)}),
-                     TrainConfig(**{f.name: values[f.name] for f in dataclasses.fields(TrainConfig)}),
-                     frozenset(settings if given is None else given))
+    return "--" + name.replace("_", "-")  # club_fit -> --club-fit
 
 
 def value(cfg, name):
     return getattr(cfg.sand if name in cfg.sand.__dataclass_fields__ else cfg.train, name)
 
 
-def off_default(cfg):
-    """{field: value} of every setting of the run configuration that is not at its default for its variant."""
-    s = cfg.sand
-    defaults = variant_defaults(s.backbone, s.dist, s.align)
-    return {name: value(cfg, name) for name, f in FIELDS.items() if value(cfg, name) != defaults.get(name, f.default)}
+def defaults(backbone, dist=None, align=None):
+    """{setting: default} of a variant: each field's own default, or its backbone's where the field gives one
+    (option(..., vbpr=...)), and for VBPR without SAND's terms (--dist none --align none) its plain_vbpr=."""
+    keys = [backbone] + (["plain_" + backbone] if dist == align == "none" else [])
+    return {name: next((f.metadata[k] for k in reversed(keys) if k in f.metadata), f.default) for name, f in FIELDS.items()}
 
 
-# How a run is started and what it writes besides its results: not settings of the run itself
-MODES = ("topk_out", "eval_only", "ckpt", "resume", "ablation", "grid", "seeds", "profile")
-NOT_IN_RESULTS = ("data_dir", "device", "out", *MODES)  # settings that do not change what a run computes
-ONLY_WITH = {"ckpt": ("eval_only",), "seeds": ("ablation", "grid")}  # flags that mean something only with another
-PATHS = ("dataset", "data_dir", "out", "topk_out", "ckpt", "resume")  # an empty one is a mistake
+def make_config(given=None, **settings):
+    """The run configuration of these settings, every other one at its default for the variant (defaults()). The
+    settings count as given (check() refuses a given one that the variant does not read) unless `given` names which."""
+    unknown = settings.keys() - FIELDS.keys()
+    if unknown:
+        raise TypeError(f"make_config: no setting {', '.join(sorted(unknown))}")
+    backbone = settings.get("backbone", SANDConfig.backbone)
+    first = defaults(backbone)
+    values = defaults(backbone, settings.get("dist", first["dist"]), settings.get("align", first["align"])) | settings
+    return RunConfig(SANDConfig(**{f.name: values[f.name] for f in dataclasses.fields(SANDConfig)}),
+                     TrainConfig(**{f.name: values[f.name] for f in dataclasses.fields(TrainConfig)}),
+                     frozenset(settings if given is None else given))
 
 
 def check(cfg):
-    """Every setting of its type, within its option's range and choices; no flag that would be ignored or
-    fail late; output paths of the right kind (found out now, not after training). Else a UsageError."""
+    """Each setting of its type, in its range and choices; no flag that would be ignored (one the variant does not
+    read: sand.unread; one read only with another), no two modes at once. Else a UsageError, before anything runs."""
     for name, f in FIELDS.items():
         v, m, fl = value(cfg, name), f.metadata, flag(name)
-        kind = (int, float) if f.type is float else f.type
-        if not isinstance(v, kind) or (f.type is not bool and isinstance(v, bool)):
+        if not isinstance(v, (int, float) if f.type is float else f.type) or (f.type is not bool and isinstance(v, bool)):
             raise UsageError(f"{fl} must be a{'n' if f.type is int else ''} {f.type.__name__} (got {v!r})")
         if f.type is float and not math.isfinite(v):
             raise UsageError(f"{fl} must be a finite number (got {v})")
@@ -493,146 +540,141 @@ def check(cfg):
                                ("above", lambda b: v > b, "above"), ("below", lambda b: v < b, "below")):
             if key in m and not ok(m[key]):
                 raise UsageError(f"{fl} must be {words} {m[key]} (got {v})")
+        if name in cfg.given and v == "":
+            raise UsageError(f"{fl} '' is empty: give a value, or leave the flag out")
     t, s = cfg.train, cfg.sand
-    for name in PATHS:
-        if name in cfg.given and value(cfg, name) == "":
-            raise UsageError(f"{flag(name)} '' is empty: give a path, or leave the flag out")
-    for name, needed in ONLY_WITH.items():
-        if name in cfg.given and not any(getattr(t, n) for n in needed):
-            raise UsageError(f"{flag(name)} is read only with {' or '.join(map(flag, needed))}")
-    builtin = t.dataset in data.BUILTIN
-    for name, ok, why in (("data_seed", builtin, "read only with a built-in --dataset"),
-                          ("data_dir", not builtin, f"not read by the built-in --dataset {t.dataset}")):
-        if name in cfg.given and not ok:
-            raise UsageError(f"{flag(name)} is {why}: leave it out")
-    many = [n for n in ("ablation", "grid", "resume", "eval_only") if getattr(t, n)]
-    if len(many) > 1:
-        raise UsageError(f"{flag(many[0])} and {flag(many[1])} do not go together: run them one at a time")
-    for name in ("topk_out", "profile"):
-        if many and many[0] in ("ablation", "grid") and getattr(t, name):
-            raise UsageError(f"{flag(name)} does nothing in {flag(many[0])}: run one point alone with it")
-    if t.seed + (t.seeds - 1 if many and many[0] in ("ablation", "grid") else 0) > FIELDS["seed"].metadata["max"]:
-        raise UsageError(f"--seed {t.seed} with --seeds {t.seeds} goes past {FIELDS['seed'].metadata['max']}")
-    if s.backbone == "vbpr" and (s.embed_dim < 2 or s.embed_dim % 2):
-        raise UsageError(f"--backbone vbpr splits --embed-dim into a generic and a unique half: give an even "
-                         f"number, 2 or more (got {s.embed_dim})")
-    if t.out and os.path.isfile(t.out):
-        raise UsageError(f"--out {t.out} is a file: give a folder path")
-    if t.topk_out:
-        check_topk_path(t.topk_out)
-
-
-def check_read(cfg):
-    """Refuse a given model setting that the variant does not read (sand.unread): it would be ignored."""
-    unread = sand.unread(cfg.sand)
+    modes = [n for n in ("resume", "eval_only", "ablation", "grid") if getattr(t, n)]
+    if len(modes) > 1:
+        raise UsageError(f"{flag(modes[0])} and {flag(modes[1])} do not go together: run them one at a time")
+    grid, builtin = bool(modes) and modes[0] in ("ablation", "grid"), t.dataset in data.BUILTIN
+    unread = {} if grid else sand.unread(s)  # a grid judges its points' own
+    unread |= {"seeds": "read only with --ablation or --grid"} if not grid else {"profile": "not read by --ablation or "
+                                                                                "--grid (profile one point alone)"}
+    unread |= {"data_seed": "read only with a built-in --dataset"} if not builtin else {
+        "data_dir": f"not read by the built-in --dataset {t.dataset}"}
+    if modes and modes[0] in ("resume", "eval_only"):
+        unread = {"seeds": unread["seeds"]}  # a saved run: its own settings are checked with those given (saved_run)
     for name in FIELDS:  # in the order of the flags
         if name in cfg.given and name in unread:
             raise UsageError(f"{flag(name)} is {unread[name]}: leave it out")
+    if s.backbone != "dragon" and (s.embed_dim < 2 or s.embed_dim % 2):
+        raise UsageError(f"--backbone {s.backbone} splits --embed-dim into a generic and a unique half: give an even "
+                         f"number, 2 or more (got {s.embed_dim})")
+    if t.seed + (t.seeds - 1 if grid else 0) > FIELDS["seed"].metadata["max"]:
+        raise UsageError(f"--seed {t.seed} with --seeds {t.seeds} goes past {FIELDS['seed'].metadata['max']}")
 
 
-def check_for_data(cfg, ds, device):
-    """The settings that depend on the data: the kNN graph's k, and the memory the run needs."""
-    if cfg.sand.backbone == "dragon" and cfg.sand.knn_k > ds.n_items:
-        raise UsageError(f"--knn-k {cfg.sand.knn_k} is more than the {ds.n_items} items of {ds.name}")
-    need, what = memory_needed(cfg, ds)
-    have = memory_available(device)
+def check_folder(path):
+    """A run folder's path must be one that a folder can be made at."""
+    if os.path.isfile(path) or (os.path.islink(path) and not os.path.exists(path)):
+        raise UsageError(f"{path} is a file or a broken symbolic link: give a folder path")
+    long = [part for part in os.path.normpath(path).split(os.sep) if len(part.encode()) > 255]
+    if long:  # a grid of many settings makes long default names
+        raise UsageError(f"the run folder name {long[0][:40]}... is {len(long[0].encode())} bytes, more than a file "
+                         f"system allows (255): give --out")
+
+
+def check_for_data(cfg, n_users, n_items, widths, device):
+    """The settings that depend on the data's sizes: the kNN graph's k, and the memory the run needs."""
+    if cfg.sand.backbone != "vbpr" and cfg.sand.knn_k > n_items:
+        raise UsageError(f"--knn-k {cfg.sand.knn_k} is more than the {n_items} items of {cfg.train.dataset}")
+    need, what = memory_needed(cfg, n_users, n_items, widths)
+    have = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else data.memory_available()
     if have is not None and need > have:
         raise UsageError(f"this run needs at least {need / 2 ** 30:.1f} GiB ({what}), more than the "
                          f"{have / 2 ** 30:.1f} GiB available on {device}")
 
 
-def memory_needed(cfg, ds):
-    """A lower bound on the bytes a run holds at once, and what they are: every parameter with its gradient and
-    Adam's two moments, the features, and (--plain) X_m and SoloSimLoss's I x I logits. The model is built on
-    the meta device to count its parameters: nothing is allocated."""
-    dims = {"image": ds.image.shape[1], "text": ds.text.shape[1]}
+def memory_needed(cfg, n_users, n_items, widths):
+    """A lower bound on the bytes a run holds at once, and what they are: every parameter (counted on the meta
+    device: nothing is allocated) with its gradient and Adam's two moments, the features, the CLUB estimator's
+    activations, and (--plain) X_m and SoloSimLoss's I x I logits."""
     with torch.device("meta"):
-        model, club = sand.build_model(cfg.sand, ds.n_users, {m: torch.empty(ds.n_items, d) for m, d in dims.items()})
+        model, club = sand.build_model(cfg.sand, n_users, {m: torch.empty(n_items, d) for m, d in widths.items()})
     params = {**dict(model.named_parameters()), **{f"club.{k}": p for k, p in club.named_parameters()}}
-    n = sum(p.numel() for p in params.values())
-    need = 16 * n + 4 * ds.n_items * sum(dims.values())
+    n, largest = sum(p.numel() for p in params.values()), max(params, key=lambda k: params[k].numel())
+    need = 16 * n + 4 * n_items * sum(widths.values())
+    what = f"{n:,} parameters, each with its gradient and Adam's two moments; the largest, {largest}, is " + \
+           " x ".join(map(str, params[largest].shape))
     if cfg.train.plain:
-        need += 2 * 4 * ds.n_items * sum(dims.values()) + (3 * 4 * ds.n_items ** 2 if cfg.sand.align != "none" else 0)
-    largest = max(params, key=lambda k: params[k].numel())
-    what = (f"{n:,} parameters, each with its gradient and Adam's two moments; the largest, {largest}, is "
-            f"{' x '.join(map(str, params[largest].shape))}")
-    if cfg.sand.dist == "mi":  # the estimator's hidden activations, both networks on both sets of pairs, and theirs
-        need += 4 * 4 * 2 * ds.n_items * 2 * cfg.sand.club_hidden  # gradients, the ReLU masks, the fast path's buffers
-        what += f"; the CLUB estimator's activations, 2 x {ds.n_items} pairs through --club-hidden {cfg.sand.club_hidden}"
+        need += 2 * 4 * n_items * sum(widths.values()) + (3 * 4 * n_items ** 2 if cfg.sand.align != "none" else 0)
+    if cfg.sand.dist == "mi":  # both networks' hidden layers on both sets of pairs, their gradients, masks, buffers
+        need += 4 * 4 * 2 * n_items * 2 * cfg.sand.club_hidden
+        what += f"; the CLUB estimator's activations, 2 x {n_items} pairs through --club-hidden {cfg.sand.club_hidden}"
     return need, what
 
 
-def memory_available(device):
-    """Bytes free for a run on `device` (None if unknown)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError):
-        return None
-
-
 def resolve_device(name):
-    if not name:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        device = torch.device(name)
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError:
         raise UsageError(f"--device {name!r} is not a device: use cpu, cuda or cuda:N") from None
-    if device.type not in ("cpu", "cuda"):
-        raise UsageError(f"--device {name}: only cpu and cuda are supported (the graphs use sparse CSR products)")
-    if device.type == "cpu" and device.index is not None:
-        raise UsageError(f"--device {name}: the CPU has no device number; use --device cpu")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: this torch sees no CUDA GPU; use --device cpu")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
-                         f"numbered from 0; use --device cuda:0")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for bad, why in ((device.type not in ("cpu", "cuda"), "only cpu and cuda are supported (the graphs use sparse CSR "
+                                                          "products)"),
+                     (device.type == "cpu" and device.index is not None, "the CPU has no device number; use --device cpu"),
+                     (device.type == "cuda" and not count, "this torch sees no CUDA GPU; use --device cpu"),
+                     (device.type == "cuda" and (device.index or 0) >= count,
+                      f"this machine has {count} CUDA GPU(s), numbered from 0; use --device cuda:0")):
+        if bad:
+            raise UsageError(f"--device {name}: {why}")
     return device
 
 
-def build(cfg, ds, device, seed):
-    """Model, CLUB estimator and their optimizers, initialised from `seed`."""
-    torch.manual_seed(seed)
-    features = {m: torch.from_numpy(getattr(ds, m)).to(device) for m in MODALITIES}
-    if cfg.sand.backbone != "vbpr":
-        STATUS.show(f"building the item-item kNN graph of {ds.n_items} items ...")
-    model, club = sand.build_model(cfg.sand, ds.n_users, features, torch.from_numpy(ds.train), fast=not cfg.train.plain)
-    model, club = model.to(device), club.to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, fused=True)
-    club_opt = torch.optim.Adam(club.parameters(), lr=cfg.train.lr, fused=True)
-    return model, club, opt, club_opt
-
-
-def load(t):
-    """The dataset of training configuration `t`."""
+def load(cfg, device, points=()):
+    """The run's dataset, each configuration checked against its sizes (check_for_data) before the features are
+    read: the run's, or a grid's `points` [(name, RunConfig)]."""
+    t = cfg.train
     STATUS.show(f"loading {t.dataset} ..." if t.dataset not in data.BUILTIN else f"making the built-in {t.dataset} ...")
-    return data.load_dataset(t.dataset, t.data_dir, t.data_seed)
+
+    def fits(*sizes):
+        for name, c in points or [(None, cfg)]:
+            try:
+                check_for_data(c, *sizes, device)
+            except UsageError as e:
+                raise UsageError(f"{'--ablation' if t.ablation else '--grid'} point {name}: {e}" if name else e) from None
+    return data.load_dataset(t.dataset, t.data_dir, t.data_seed, fits)
+
+
+def default_folder(cfg, points=None):
+    """runs/<dataset>-<dist>-seed<seed> for a run; for a grid of `points` (--ablation, --grid), whose runs are
+    named by point and seed, runs/ablation-<dataset> or runs/grid-<dataset>-<the listed settings>; then
+    -setting=value for every other setting that changes the results and is not at its default, so that runs of
+    other settings do not meet in one folder (and a run of other settings or data found there is refused)."""
+    t, s = cfg.train, cfg.sand
+    name, named = f"{t.dataset}-{s.dist}-seed{t.seed}", ("dataset", "dist", "seed")
+    if points is not None:
+        listed = list(dict.fromkeys(k for _, _, changes in points for k in changes))  # in order, once each
+        name = f"grid-{t.dataset}-" + "-".join(listed) if t.grid else f"ablation-{t.dataset}"
+        named = ("dataset", "seed", *listed)
+    d = defaults(s.backbone, s.dist, s.align)
+    return os.path.join("runs", name + "".join(f"-{k}={value(cfg, k)}" for k in FIELDS
+                                               if k not in HOW + named and value(cfg, k) != d[k]))
 
 
 # ---------------------------------------------------------------------------------------------
-# The run folder: config.json, metrics.csv, last.pt, best.pt, results.json
+# The run folder: config.json, metrics.csv, last.pt, best.pt, results.json, topk.tsv
 
-RUN_FILES = ("config.json", "metrics.csv", "results.json", "last.pt", "best.pt")
-CHECKPOINT_SECONDS = 60  # last.pt and best.pt: after the first epoch, then at most this often, at the end, on interruption
+RUN_FILES = ("config.json", "metrics.csv", "last.pt", "best.pt", "results.json", "topk.tsv")
+CHECKPOINT_SECONDS = 60  # after the first epoch, then at most this often, at the end, and on interruption
 
 
 class Run:
-    """A run's folder and its bookkeeping, used as `with Run(...) as run:` around the epoch loop.
-    start() checks everything that can fail before it touches the folder: the checkpoint it resumes loads
-    into the model, no other train.py holds the folder (a lock), and the folder holds no other run's files
-    (other settings or other data) that a new run would replace. Every file is written whole. Each epoch's
-    state is kept in memory and written to last.pt after the first epoch, then at most once a minute, at the
-    end, and when the run is interrupted (Ctrl-C, SIGTERM), so that no finished epoch is lost."""
+    """A run's folder, used as `with Run(...) as run:` around the epoch loop. The folder holds one run, locked while
+    a train.py uses it, and its files always describe one state of that run: each is written whole (to a new name,
+    then renamed), and a run writes nothing until its first checkpoint, which replaces what an earlier run of these
+    settings left there (a folder of another run is refused). A checkpoint is last.pt (all a run needs to go on:
+    weights, optimizers, generators, the metrics so far, the best epoch's weights), best.pt and metrics.csv, written
+    after the first epoch, at most once a minute after that, at the end, and on Ctrl-C or SIGTERM: no finished
+    epoch is lost. A resumed run must be in the folder its last.pt was written in (config.json names the run)."""
 
-    def __init__(self, cfg, ds, out, log):
-        self.cfg, self.ds, self.out, self.log = cfg, ds, out, log
-        self.lock, self.kept, self.saved_at = FolderLock(out), None, -math.inf  # kept: (last.pt, best.pt) to write
-        self.saved_epoch = self.saved_best = None  # the epochs that last.pt and best.pt hold
+    def __init__(self, cfg, ds, folder, log):
+        self.cfg, self.ds, self.folder, self.log = cfg, ds, folder, log
+        self.lock, self.kept, self.saved_at, self.written = FolderLock(folder), None, -math.inf, False
+        self.saved = self.saved_best = None  # the epochs that last.pt and best.pt hold
 
     def path(self, name):
-        return os.path.join(self.out, name)
+        return os.path.join(self.folder, name)
 
     def __enter__(self):
         return self
@@ -640,120 +682,117 @@ class Run:
     def __exit__(self, kind, error, trace):
         try:
             if kind is not None and issubclass(kind, KeyboardInterrupt) and self.lock.held:
-                if self.kept is not None and self.kept[0]["epoch"] != self.saved_epoch:
-                    with INTERRUPTS.held():  # metrics.csv as last.pt has it
+                with INTERRUPTS.held():  # a second Ctrl-C waits for the last epoch's files
+                    if self.kept is not None and self.kept["epoch"] != self.saved:
                         self.save()
-                        write_rows(self.path("metrics.csv"), self.kept[0]["progress"]["history"])
-                last = self.path("last.pt")
-                self.log(f"interrupted: --resume {last} continues after epoch {self.saved_epoch}"
-                         if os.path.isfile(last) else f"interrupted before the first epoch ended: {self.out}/ "
-                         f"holds no checkpoint")
+                    self.log(f"interrupted: --resume {self.folder} continues after epoch {self.saved}" if self.saved
+                             is not None else f"interrupted before the first epoch ended: {self.folder}/ is as it was")
         finally:
             self.lock.release()
 
-    def start(self, model, club, opt, club_opt, gen, resume):
-        """-> the run's Progress: a new one, or the checkpoint's (its weights, optimizers and generators restored)."""
-        self.parts = model, club, opt, club_opt, gen
-        p = restore(resume, model, club, opt, club_opt, gen) if resume is not None else None
+    def start(self, parts, resume):
+        """-> the run's Progress: a new one, or that of the checkpoint `resume`, with the run's state restored.
+        parts: (model, estimator, optimizer, the estimator's, [generators])."""
+        self.parts, model = parts, parts[0]
         self.lock.acquire()
-        if p is None:
-            self.start_fresh()
-            p = Progress(diagnostic_init=self.ds.factors and diagnostic(model, self.ds.factors))
+        held = [name for name in RUN_FILES if os.path.exists(self.path(name))]
+        if resume is None:
+            same = same_run(self.folder, self.cfg, self.ds) if held else True
+            if same is not True:
+                raise UsageError(f"{self.folder}/ holds another run ({same}); give another --out, or delete that folder")
+            if held:
+                self.log(f"{self.folder}/ holds an earlier run of these settings: this run's first checkpoint replaces it")
+            self.id, p = uuid.uuid4().hex, Progress(diagnostic_init=self.ds.factors and diagnostic(model, self.ds.factors))
         else:
-            self.saved_epoch, self.saved_best, self.saved_at = p.epoch, p.best_epoch, time.perf_counter()
-            if os.path.exists(self.path("results.json")):
-                os.remove(self.path("results.json"))  # it is no longer a finished run
-            listed = len(read_rows(self.path("metrics.csv")))
-            t = self.cfg.train
-            self.log(f"resuming {self.out}/ after epoch {p.epoch} (--epochs {t.epochs}, --patience {t.patience})"
-                     + (f"; metrics.csv listed {listed} epochs, those after {p.epoch} are run again"
-                        if listed > p.epoch else "")
+            if read_json(self.path("config.json")).get("run") != resume["run"]:
+                raise UsageError(f"{self.folder}/ holds another run than the one its last.pt was written by")
+            self.id, p = resume["run"], restore(resume, *parts)
+            self.saved, self.saved_at, t = p.epoch, time.perf_counter(), self.cfg.train  # best.pt: rewritten at the first
+            self.log(f"resuming {self.folder}/ after epoch {p.epoch} (--epochs {t.epochs}, --patience {t.patience})"
                      + (": it has already stopped" if p.diverged or p.bad_epochs > t.patience else ""))
-        write_config(self.path("config.json"), self.cfg, self.ds, model_device(model))
-        self.log(f"{self.ds.summary(short=True)} on {model_device(model)}; writing to {self.out}/")
+        self.log(f"{self.ds.summary(short=True)} on {model_device(model)}; writing to {self.folder}/")
         for note in self.ds.notes:
             self.log(note)
         return p
 
-    def start_fresh(self):
-        """A new run in the folder: an earlier run of these settings and data is replaced, another refused."""
-        held = run_files(self.out, self.cfg, self.ds)
-        if held:
-            self.log(f"replacing the earlier run of these settings and data in {self.out}/")
-        for name in held:
-            os.remove(self.path(name))
-
     def end_epoch(self, p, terms, metrics, improved, train_s, eval_s, timer):
-        """After an epoch: metrics.csv, the state kept (with the best epoch's weights), the checkpoint when due, the
-        log line."""
+        """After an epoch: its metrics row, the state kept, a checkpoint when due, the log line."""
         p.history.append({"epoch": p.epoch, **{k: round(v, 6) for k, v in terms.items()},
                           **{f"{s}_{k}": round(v, 6) for s in metrics for k, v in metrics[s].items()},
                           "train_s": round(train_s, 3), "eval_s": round(eval_s, 3)})
-        self.keep(p, improved)
-        write_rows(self.path("metrics.csv"), p.history)
+        self.keep(p)
         if time.perf_counter() - self.saved_at > CHECKPOINT_SECONDS:
             self.save()
-        loss_txt = " ".join(f"{k} {v:.4f}" for k, v in terms.items())
-        self.log(f"epoch {p.epoch:4d} | {loss_txt} | valid R@20 {metrics['valid']['recall@20']:.4f} "
-                 f"test R@20 {metrics['test']['recall@20']:.4f} | train {train_s:.2f}s eval {eval_s:.2f}s"
-                 + (" *" if improved else ""))
+        self.log(f"epoch {p.epoch:4d} | " + " ".join(f"{k} {v:.4f}" for k, v in terms.items())
+                 + f" | valid R@20 {metrics['valid']['recall@20']:.4f} test R@20 {metrics['test']['recall@20']:.4f} | "
+                 f"train {train_s:.2f}s eval {eval_s:.2f}s" + (" *" if improved else ""))
         if self.cfg.train.profile:
-            self.log("  profile: " + " ".join(f"{k} {v:.3f}s" for k, v in timer.total.items())
-                     + f" evaluate {eval_s:.3f}s")
+            self.log("  profile: " + " ".join(f"{k} {v:.3f}s" for k, v in timer.total.items()) + f" evaluate {eval_s:.3f}s")
         timer.total.clear()
 
     def diverged(self, p, terms):
         """An epoch whose loss or weights are not finite: the run stops (and stays stopped if resumed)."""
         self.log(f"epoch {p.diverged}: a loss or a weight is not finite ({terms}); stopping, "
                  + (f"the best epoch ({p.best_epoch}) is kept" if p.best_epoch else "no epoch finished"))
-        self.keep(p, improved=False)
+        self.keep(p)
 
-    def keep(self, p, improved):
-        """Copy now what last.pt and best.pt are to hold: every weight, optimizer state and random generator, and
-        the best epoch's weights. One assignment, so that what is written is always one epoch's."""
-        model, club, opt, club_opt, gen = self.parts
-        rng = {"cpu": torch.get_rng_state()}
-        if gen.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(gen.device)
-        last = {name: copy.deepcopy(part.state_dict()) for name, part in  # tensors cloned: training moves on
-                (("model", model), ("club", club), ("opt", opt), ("club_opt", club_opt))}
-        last.update(generator=gen.get_state(), rng=rng, progress=dataclasses.asdict(p), epoch=p.epoch,
-                    **checkpoint_header(self.cfg, self.ds))
-        best = self.kept and self.kept[1]
-        if improved:
-            best = {"model": last["model"], "epoch": p.best_epoch, **checkpoint_header(self.cfg, self.ds)}
-        self.kept = last, best
+    def keep(self, p):
+        """Copy now what last.pt is to hold, as training moves on: every weight, optimizer state and generator, and
+        the Progress (its best epoch's weights by reference: a new copy replaces them when the best moves)."""
+        model, club, opt, club_opt, generators = self.parts
+        rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(model_device(model))}
+                                                 if model_device(model).type == "cuda" else {})}
+        self.kept = {"run": self.id, "epoch": p.epoch, "generators": [g.get_state() for g in generators], "rng": rng,
+                     "progress": {**vars(p), "history": list(p.history)}, **checkpoint_header(self.cfg, self.ds),
+                     **{k: copy.deepcopy(part.state_dict()) for k, part in
+                        (("model", model), ("club", club), ("opt", opt), ("club_opt", club_opt))}}
 
     def save(self):
-        """best.pt, then last.pt, from the kept state, both or neither interrupted (a signal waits for them)."""
-        last, best = self.kept
+        """The kept state's checkpoint: last.pt, metrics.csv, best.pt when the best epoch moved, and at a run's first
+        its config.json, all written before any is renamed into place (a full disk leaves the folder as it was); then
+        no earlier run's results remain."""
+        k, p, header = self.kept, self.kept["progress"], checkpoint_header(self.cfg, self.ds)
+        files = {self.path("last.pt"): (lambda f: torch.save(k, f), "wb"), self.path("metrics.csv"): (csv_text(p["history"]), "w")}
+        if p["best_epoch"] != self.saved_best and p["best_epoch"] is not None:
+            best = {"run": self.id, "model": p["best_model"], "epoch": p["best_epoch"], **header}
+            files[self.path("best.pt")] = (lambda f: torch.save(best, f), "wb")
+        if not self.written:  # this run's first checkpoint: the folder becomes its alone
+            files[self.path("config.json")] = (json_text({**self.cfg.as_dict(), "run": self.id, "given": header["given"],
+                                                          "dataset_stats": header["dataset"],
+                                                          "environment": environment(model_device(self.parts[0]))}), "w")
         with INTERRUPTS.held():
-            if best is not None and best["epoch"] != self.saved_best:
-                save_checkpoint(self.path("best.pt"), best)
-                self.saved_best = best["epoch"]
-            save_checkpoint(self.path("last.pt"), last)
-            self.saved_epoch, self.saved_at = last["epoch"], time.perf_counter()
+            try:
+                data.write_together(files)
+            except (RuntimeError, OSError) as e:  # RuntimeError: torch.save's way of saying that a write failed
+                raise OSError(f"cannot write a checkpoint in {self.folder}/ ({first_line(e)}): is the disk full?") from None
+            for name in ("results.json", "topk.tsv", "best.pt")[:0 if self.written else 2 if p["best_epoch"] else 3]:
+                if os.path.exists(self.path(name)):
+                    os.remove(self.path(name))
+            self.written, self.saved_best, self.saved, self.saved_at = True, p["best_epoch"], k["epoch"], time.perf_counter()
+
+    def checkpoint(self, p):
+        """The run's last state, written at its end."""
+        if self.kept is None:  # a resumed run that had already stopped
+            self.keep(p)
+        self.save()
 
     def finish(self, p, model, evaluator):
-        """The end of the run: last.pt and best.pt, the model left at its best epoch, results.json."""
-        if self.kept is None:  # a resumed run that had already stopped
-            self.keep(p, improved=False)
-        self.save()
+        """results.json and topk.tsv (each test user's top 20, best first), of the model at its best epoch (where
+        fit() has put it)."""
         hist = p.history
         results = {"best_epoch": p.best_epoch, "valid": p.best and p.best["valid"], "test": p.best and p.best["test"],
                    "epochs_run": p.epoch, "diverged": p.diverged is not None,
                    "train_s_per_epoch": float(np.median([r["train_s"] for r in hist])) if hist else None,
                    "eval_s_per_epoch": float(np.median([r["eval_s"] for r in hist])) if hist else None,
                    "peak_memory_gib": peak_memory_gib(model_device(model)), "dataset": self.ds.summary()}
-        if p.best_epoch is not None:  # leave the model at its best epoch
-            best = self.kept[1] or load_checkpoint(self.path("best.pt"))
-            if best["epoch"] != p.best_epoch:
-                raise UsageError(f"{self.path('best.pt')} holds epoch {best['epoch']}, but the run's best epoch is "
-                                 f"{p.best_epoch}: it was not written by this run")
-            model.load_state_dict(best["model"])
+        if p.best_epoch is not None:
             if self.ds.factors is not None:  # built-in data: what do the parts carry?
                 results["diagnostic"] = {"init": p.diagnostic_init, "best": diagnostic(model, self.ds.factors)}
-        save_json(self.path("results.json"), results)
+            rows = evaluator.splits["test"][1]
+            top = zip(evaluator.users[rows].tolist(), evaluator.topk(scorer(model))[rows].tolist())
+            write_whole(self.path("topk.tsv"), "userID\t" + "\t".join(f"item{r}" for r in range(1, max(KS) + 1)) + "\n"
+                        + "".join(f"{u}\t" + "\t".join(str(i) for i in row if i >= 0) + "\n" for u, row in top))
+        write_whole(self.path("results.json"), json_text(results))
         return results
 
 
@@ -766,71 +805,117 @@ def checkpoint_header(cfg, ds):
     return {"config": cfg.as_dict(), "given": sorted(cfg.given), "dataset": ds.summary()}
 
 
-def restore(ckpt, model, club, opt, club_opt, gen):
+def restore(ckpt, model, club, opt, club_opt, generators):
     """Load a last.pt into the run's model, estimator, optimizers and generators -> its Progress (or a UsageError)."""
     try:
-        model.load_state_dict(ckpt["model"])
-        club.load_state_dict(ckpt["club"])
-        opt.load_state_dict(ckpt["opt"])
-        club_opt.load_state_dict(ckpt["club_opt"])
-        gen.set_state(ckpt["generator"])
+        for part, name in ((model, "model"), (club, "club"), (opt, "opt"), (club_opt, "club_opt")):
+            part.load_state_dict(ckpt[name])
+        for g, state in zip(generators, ckpt["generators"]):
+            g.set_state(state)
         torch.set_rng_state(ckpt["rng"]["cpu"])
-        if gen.device.type == "cuda" and "cuda" in ckpt["rng"]:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], gen.device)
+        if "cuda" in ckpt["rng"] and model_device(model).type == "cuda":
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], model_device(model))
         return Progress(**ckpt["progress"])
     except (RuntimeError, KeyError, TypeError, ValueError) as e:
-        raise UsageError(f"the checkpoint does not fit this run's model ({type(e).__name__}: "
-                         f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
-
-
-def write_config(path, cfg, ds, device):
-    save_json(path, {**cfg.as_dict(), "given": sorted(cfg.given), "dataset_stats": ds.summary(),
-                     "environment": environment(device)})
+        raise UsageError(f"the checkpoint does not fit this run's model ({type(e).__name__}: {first_line(e)})") from None
 
 
 def same_run(folder, cfg, ds):
-    """Is the run in `folder` one of these settings (all that change results) on this data? -> True, or
-    what differs."""
+    """Is the run in `folder` one of these settings (all that change results) on this data? -> True, or what differs."""
+    saved = read_json(os.path.join(folder, "config.json"))
     try:
-        with open(os.path.join(folder, "config.json")) as f:
-            saved = json.load(f)
         theirs = config_from_dict(saved)
-    except (OSError, ValueError, UsageError):
+    except UsageError:
         return "its config.json is missing or unreadable"
     if saved.get("dataset_stats") != ds.summary():
         return f"made on other data: {saved.get('dataset_stats')}"
-    for name in FIELDS:
-        if name not in NOT_IN_RESULTS and as_json(value(theirs, name)) != as_json(value(cfg, name)):
-            return f"{flag(name)} {value(theirs, name)}, not {value(cfg, name)}"
-    return True
+    differ = [name for name in FIELDS if name not in HOW and as_json(value(theirs, name)) != as_json(value(cfg, name))]
+    return f"{flag(differ[0])} {value(theirs, differ[0])}, not {value(cfg, differ[0])}" if differ else True
 
 
-def as_json(v):
-    return json.loads(json.dumps(v))  # a tuple is a list there
-
-
-def run_files(folder, cfg, ds):
-    """The run files (RUN_FILES) that `folder` holds, which must be a run of these settings on this data:
-    else a UsageError, before anything is touched."""
-    held = [name for name in RUN_FILES if os.path.exists(os.path.join(folder, name))]
-    same = same_run(folder, cfg, ds) if held else True
-    if same is not True:
-        raise UsageError(f"{folder}/ holds another run ({same}); give another --out, or delete that folder")
-    return held
-
-
-def finished_results(folder):
-    """results.json of the finished run in `folder` (checked by run_files), else None."""
+def config_from_dict(c, given=()):
+    """The configuration a checkpoint or config.json records (a setting added since takes its default), without how
+    that run was started (--resume, --out, ...)."""
     try:
-        with open(os.path.join(folder, "results.json")) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
+        settings = {k: v for k, v in {**c["sand"], **c["train"]}.items() if k not in HOW or k in ("data_dir", "device")}
+        return make_config(given=[name for name in given if name in settings], **settings)
+    except (TypeError, KeyError) as e:
+        raise UsageError(f"a saved configuration that this train.py cannot read ({e})") from None
+
+
+def saved_run(cfg, mode):
+    """The run that --resume or --eval-only names (a run folder, or a checkpoint in one) -> (its checkpoint, its
+    configuration, its folder). It keeps its settings: a flag of MAY_CHANGE[mode] given on the command line
+    replaces the saved value, any other is refused; --epochs and --patience may only extend a run (a smaller one
+    might have stopped it sooner, and its record would name settings that did not make its results)."""
+    path = value(cfg, mode)
+    if os.path.isdir(path):
+        path = os.path.join(path, "last.pt" if mode == "resume" else "best.pt")
+    ckpt = load_checkpoint(path)
+    if mode == "resume" and "opt" not in ckpt:
+        raise UsageError(f"{path} holds only the best epoch's weights; resume the run folder (its last.pt)")
+    saved, before = config_from_dict(ckpt["config"], set(ckpt["given"]) | cfg.given - {mode}), config_from_dict(ckpt["config"])
+    for name in sorted(cfg.given - {mode}, key=list(FIELDS).index):
+        if name not in MAY_CHANGE[mode]:
+            raise UsageError(f"{flag(name)} cannot be given with {flag(mode)}, which keeps the run's settings (it lets "
+                             f"{', '.join(map(flag, MAY_CHANGE[mode]))} change); start a new run for other settings")
+        setattr(saved.train, name, value(cfg, name))
+    if mode == "resume" and saved.train.patience < before.train.patience:
+        raise UsageError(f"--patience {saved.train.patience} is below the run's {before.train.patience}, which might have "
+                         f"stopped it sooner: give {before.train.patience} or more, or start a new run")
+    if mode == "resume" and saved.train.epochs < ckpt["epoch"]:
+        raise UsageError(f"--epochs {saved.train.epochs}: the run has trained {ckpt['epoch']} epochs already")
+    try:
+        check(saved)
+    except UsageError as e:
+        raise UsageError(f"{path}: {e}") from None
+    return ckpt, saved, os.path.dirname(os.path.abspath(path))
+
+
+def check_data(ckpt, ds):
+    if ckpt["dataset"] != ds.summary():
+        raise data.DataError(f"the run was trained on other data ({ckpt['dataset']}), not on {ds.summary()}: give the "
+                             f"--data-dir it was trained on, or start a new run")
+
+
+def load_checkpoint(path):
+    """A checkpoint that train.py wrote (tensors and plain values only: nothing else is unpickled)."""
+    if not os.path.isfile(path):
+        raise UsageError(f"checkpoint {path} not found (a run folder holds best.pt and last.pt)")
+    not_ours = f"{path} is not a checkpoint written by this train.py (a run folder's best.pt or last.pt)"
+    try:
+        with warnings.catch_warnings():  # torch's notes on old file formats: the file is judged below
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # whatever torch.load makes of a file that is not one of ours
+        raise UsageError(f"{not_ours}: {type(e).__name__}: {first_line(e)}") from None
+    if not isinstance(ckpt, dict) or not {"model", "epoch", "config", "dataset", "given"} <= ckpt.keys():
+        raise UsageError(not_ours)
+    if "run" not in ckpt:
+        raise UsageError(f"{path} was written by an older train.py; start a new run")
+    return ckpt
+
+
+def first_line(e):
+    return str(e).strip().splitlines()[0] if str(e).strip() else ""
+
+
+def environment(device):
+    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+            "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
+            else platform.processor() or platform.machine(), "threads": torch.get_num_threads(), "command": sys.argv}
+
+
+def peak_memory_gib(device):
+    """Peak memory of this process so far: allocated on the GPU, or resident on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux reports KiB
 
 
 class FolderLock:
-    """An exclusive lock on a run folder (its file .lock), held while a run writes there. A folder that
-    acquire() made, and that nothing else was written to, is removed again on release()."""
+    """An exclusive lock on a run folder (its file .lock), held while a run writes there. A folder that acquire()
+    made, and that nothing else was written to, is removed again on release()."""
 
     def __init__(self, folder):
         self.folder, self.fd, self.made = folder, None, False
@@ -844,7 +929,7 @@ class FolderLock:
         os.makedirs(self.folder, exist_ok=True)
         fd = os.open(os.path.join(self.folder, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            lock_file(fd)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB) if fcntl else msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
         except OSError:
             os.close(fd)
             with open(os.path.join(self.folder, ".lock")) as f:
@@ -856,30 +941,24 @@ class FolderLock:
         self.fd = fd
 
     def release(self):
-        if self.fd is None:
-            return
-        os.close(self.fd)  # closing the file releases the lock
-        self.fd = None
-        if self.made and os.listdir(self.folder) == [".lock"]:
-            os.remove(os.path.join(self.folder, ".lock"))
-            os.rmdir(self.folder)
+        if self.fd is not None:
+            os.close(self.fd)  # closing the file releases the lock
+            self.fd = None
+            if self.made and os.listdir(self.folder) == [".lock"]:
+                os.remove(os.path.join(self.folder, ".lock"))
+                os.rmdir(self.folder)
 
 
-if os.name == "nt":  # Windows: msvcrt's lock on the file's first byte
+if os.name == "nt":
     import msvcrt
-    lock_file = lambda fd: msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+    fcntl = None
 else:
     import fcntl
-    lock_file = lambda fd: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-
 
 class Interrupts:
-    """SIGINT (Ctrl-C) and SIGTERM stop the program with KeyboardInterrupt, but never in the middle of writing
-    a file: a signal that arrives then takes effect once the file is written; later signals are ignored while
-    the run writes its last epoch and stops. main() installs it."""
-
-    def __init__(self):
-        self.holding, self.pending, self.signal = 0, False, None
+    """SIGINT (Ctrl-C) and SIGTERM stop the program with KeyboardInterrupt, but never in the middle of writing a file
+    (held()): a signal that comes then takes effect once the file is written, and later ones are ignored while the
+    run writes its last epoch and stops. main() installs it."""
 
     def install(self):
         self.holding, self.pending, self.signal = 0, False, None
@@ -887,13 +966,11 @@ class Interrupts:
             signal.signal(sig, self.handle)
 
     def handle(self, signum, frame):
-        if self.signal is not None:  # already stopping: a second Ctrl-C waits for the last files too
-            return
-        self.signal = signum
-        if self.holding:
+        if self.signal is None:  # already stopping: a second Ctrl-C waits for the last files too
+            self.signal = signum
+            if not self.holding:
+                raise KeyboardInterrupt
             self.pending = True
-        else:
-            raise KeyboardInterrupt
 
     @contextlib.contextmanager
     def held(self):
@@ -908,261 +985,84 @@ class Interrupts:
 
 
 INTERRUPTS = Interrupts()
+INTERRUPTS.holding, INTERRUPTS.pending, INTERRUPTS.signal = 0, False, None
 
 
-def write_whole(path, content, mode="w"):
+def write_whole(path, content):
     with INTERRUPTS.held():
-        data.atomic_write(path, content, mode)
+        data.atomic_write(path, content)
 
 
-def save_json(path, obj):
-    write_whole(path, json.dumps(obj, indent=2) + "\n")
+def json_text(obj):
+    return json.dumps(obj, indent=2) + "\n"
 
 
-def save_checkpoint(path, state):
-    write_whole(path, lambda f: torch.save(state, f), mode="wb")
-
-
-def write_rows(path, rows):
+def csv_text(rows):
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
     writer.writeheader()
     writer.writerows(rows)
-    write_whole(path, buf.getvalue())
+    return buf.getvalue()
 
 
-def read_rows(path):
+def read_json(path):
+    """A JSON file's object, or {} if it is missing or unreadable."""
     try:
-        with open(path, newline="") as f:
-            return list(csv.DictReader(f))
-    except OSError:
-        return []
+        with open(path) as f:
+            obj = json.load(f)
+        return obj if isinstance(obj, dict) else {}
+    except (OSError, ValueError):
+        return {}
 
 
-def load_checkpoint(path):
-    """A checkpoint that train.py wrote (tensors and plain values only: nothing else is unpickled)."""
-    if not os.path.isfile(path):
-        raise UsageError(f"checkpoint {path} not found (a run folder holds best.pt and last.pt)")
-    not_ours = f"{path} is not a checkpoint written by this train.py (a run folder's best.pt or last.pt)"
-    try:
-        with warnings.catch_warnings():  # torch's notes on old file formats: the file is judged below
-            warnings.simplefilter("ignore")
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # whatever torch.load makes of a file that is not one of ours
-        raise UsageError(f"{not_ours}: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
-    if not isinstance(ckpt, dict) or not {"model", "epoch", "config", "dataset"} <= ckpt.keys():
-        raise UsageError(not_ours)
-    if "fingerprint" not in (ckpt["dataset"] if isinstance(ckpt["dataset"], dict) else {}):
-        raise UsageError(f"{path} was written by an older train.py (its data has no fingerprint); start a new run")
-    return ckpt
-
-
-def config_from_dict(c, given=()):
-    """The configuration a checkpoint or config.json records (a setting added since takes its default)."""
-    try:
-        settings = {**c["sand"], **c["train"]}
-        if "grid" in settings:
-            settings["grid"] = tuple(settings["grid"])
-        return make_config(given=given, **settings)
-    except (TypeError, KeyError) as e:
-        raise UsageError(f"a saved configuration that this train.py cannot read ({e})") from None
-
-
-# A saved run keeps its configuration when it is continued (--resume) or evaluated (--eval-only). Only
-# these flags may change it; any other flag given must match the saved run, never be ignored.
-CHANGEABLE = {"resume": ("resume", "epochs", "patience", "device", "data_dir", "topk_out", "profile"),
-              "eval_only": ("eval_only", "ckpt", "device", "data_dir", "topk_out")}
-NOT_READ = {"eval_only": ("epochs", "patience", "batch_size", "lr", "out", "profile")}  # no training
-
-
-def saved_config(ckpt, path, cfg, mode):
-    """The configuration of the run in checkpoint `ckpt` (read from `path`), with each flag of
-    CHANGEABLE[mode] that the command line `cfg` gives taken from it; any other flag given must match."""
-    saved = config_from_dict(ckpt["config"])
-    for name in MODES:  # how the saved run was started (say, resumed) is not one of its settings
-        setattr(saved.train, name, FIELDS[name].default)
-    for name in sorted(cfg.given, key=list(FIELDS).index):
-        new, old = value(cfg, name), value(saved, name)
-        if name in NOT_READ.get(mode, ()):
-            raise UsageError(f"{flag(name)} is not read by {flag(mode)}: leave it out")
-        if name in PATHS and new and old and os.path.realpath(new) == os.path.realpath(old):
-            continue
-        if name in CHANGEABLE[mode]:
-            setattr(saved.sand if name in saved.sand.__dataclass_fields__ else saved.train, name, new)
-        elif as_json(new) != as_json(old):
-            others = ", ".join(flag(n) for n in CHANGEABLE[mode] if n != mode)
-            raise UsageError(f"{flag(name)} {new} differs from the run in {path} ({old}); {flag(mode)} keeps "
-                             f"that run's settings except {others}: leave out {flag(name)}, or start a new run")
-    saved.given = frozenset(cfg.given)
-    try:
-        check(saved)
-    except UsageError as e:
-        raise UsageError(f"{path}: {e}") from None
-    return saved
-
-
-def check_data(ckpt, path, ds):
-    if ckpt["dataset"] != ds.summary():
-        raise data.DataError(f"{path} was trained on other data ({ckpt['dataset']}), not on {ds.summary()}: "
-                             f"give the --data-dir it was trained on, or start a new run")
-
-
-def environment(device):
-    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-            "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
-            else platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-            "command": sys.argv}
-
-
-def peak_memory_gib(device):
-    """Peak memory of this process so far: allocated on the GPU, or resident on the CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux reports KiB
-
-
-def default_folder(cfg, points=None):
-    """runs/<dataset>-<dist>-seed<seed> for a run; for a grid of `points` (--ablation, --grid), whose
-    runs are named by point and seed, runs/ablation-<dataset> or runs/grid-<dataset>-<the listed settings>;
-    then -setting=value for every other setting that changes the results and is not at its default:
-    runs with different settings do not overwrite each other's files (and a run on other data in the same
-    folder is refused, not replaced)."""
-    t = cfg.train
-    if points is None:
-        name, named = f"{t.dataset}-{cfg.sand.dist}-seed{t.seed}", ("dataset", "dist", "seed")
-    else:
-        listed = list(dict.fromkeys(k for _, _, changes in points for k in changes))  # in order, once each
-        name = f"grid-{t.dataset}-" + "-".join(listed) if t.grid else f"ablation-{t.dataset}"
-        named = ("dataset", "seed", *listed)
-    for setting, v in off_default(cfg).items():
-        if setting not in NOT_IN_RESULTS + named:
-            name += f"-{setting}={v}"
-    return os.path.join("runs", name)
+def as_json(v):
+    return json.loads(json.dumps(v))  # a tuple is a list there
 
 
 # ---------------------------------------------------------------------------------------------
-# Top-k files
-
-TOPK_HEADER = "userID\t" + "\t".join(f"item{r}" for r in range(1, max(KS) + 1))
-
-
-def check_topk_target(path, folder):
-    """--topk-out must not be the run folder, nor one of its files (its lock included), by any path to them."""
-    real = os.path.realpath(path)
-    if real == os.path.realpath(folder) or real in {os.path.realpath(os.path.join(folder, f))
-                                                     for f in RUN_FILES + (".lock",)}:
-        raise UsageError(f"--topk-out {path} is the run's folder or one of its files: give another path")
-
-
-def check_folder_name(path):
-    """A run folder's name must fit the file system (a grid of many settings makes long default names)."""
-    for part in os.path.normpath(path).split(os.sep):
-        if len(part.encode()) > 255:
-            raise UsageError(f"the run folder name {part[:40]}... is {len(part.encode())} bytes, more than a file "
-                             f"system allows (255): give --out")
-
-
-def check_topk_path(path):
-    """--topk-out writes a new file, or replaces one that --topk-out wrote; its folder must be writable."""
-    if os.path.isdir(path):
-        raise UsageError(f"--topk-out {path} is a folder: give a file path")
-    if os.path.exists(path):
-        try:
-            with open(path, encoding="utf-8") as f:
-                first = f.readline().rstrip("\n")
-        except (OSError, UnicodeDecodeError):
-            first = None
-        if first != TOPK_HEADER:
-            raise UsageError(f"--topk-out {path} exists and is not a top-k file that --topk-out wrote: give a new path")
-    folder = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(folder):
-        folder = os.path.dirname(folder)
-    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-        raise UsageError(f"--topk-out {path}: {folder} is not a folder this user can write to")
-
-
-def write_topk_file(model, evaluator, path):
-    """The top-20 items of every test user: a header, then a TSV line each, user id then items, best first.
-    The path is checked again now: a file made there since the run began is not replaced."""
-    check_topk_path(path)
-    rows = evaluator.splits["test"][1]
-    top = evaluator.topk(scorer(model))[rows]
-    lines = [TOPK_HEADER] + ["\t".join(map(str, [u] + row)) for u, row in zip(evaluator.users[rows].tolist(), top.tolist())]
-    write_whole(path, "\n".join(lines) + "\n")
-
-
-# ---------------------------------------------------------------------------------------------
-# What the command line does
+# What the command line does: a run, a resumed run, an evaluation, a grid
 
 def run(cfg, log=print):
-    """The command line's work, given a configuration. Everything that can be checked is checked before
-    any file is written."""
+    """The command line's work, given a configuration. Everything that can be checked is checked before any file
+    is written."""
     check(cfg)
     t = cfg.train
     if t.eval_only:
         return eval_only(cfg, log)
     if t.ablation or t.grid:
-        points = ABLATIONS if t.ablation else grid_points(t.grid)
-        grid_runs(cfg, points)  # a bad point is refused now, before the data is loaded
-        return grid(cfg, load(t), resolve_device(t.device), points, log)
-    resume = None
+        return grid(cfg, log)
+    ckpt, folder = None, t.out or default_folder(cfg)
     if t.resume:
-        resume = load_checkpoint(t.resume)
-        if "opt" not in resume:
-            raise UsageError(f"{t.resume} holds only the best epoch's weights; resume from the run's last.pt")
-        cfg = saved_config(resume, t.resume, cfg, "resume")
-        cfg.train.out = os.path.dirname(os.path.abspath(t.resume))  # it goes on in its own folder
-        t = cfg.train
-    else:
-        check_read(cfg)
-    device = resolve_device(t.device)
-    out = t.out or default_folder(cfg)
-    check_folder_name(out)
-    if t.topk_out:
-        check_topk_target(t.topk_out, out)
-    ds = load(t)
-    if resume is not None:
-        check_data(resume, t.resume, ds)
-    check_for_data(cfg, ds, device)
-    results, model, evaluator = fit(cfg, ds, device, out, resume, log)
+        ckpt, cfg, folder = saved_run(cfg, "resume")
+    check_folder(folder)
+    device = resolve_device(cfg.train.device)
+    ds = load(cfg, device)
+    if ckpt is not None:
+        check_data(ckpt, ds)
+    results = fit(cfg, ds, device, folder, ckpt, log)[0]
     if results["best_epoch"] is None:
-        unwritten = f", {t.topk_out} was not written" if t.topk_out else ""
-        log(f"no epoch finished: {out}/results.json holds no metrics{unwritten}")
+        log(f"no epoch finished: {folder}/results.json holds no metrics")
         return results
     log(f"best epoch {results['best_epoch']}: test " + json.dumps(results["test"]))
     if "diagnostic" in results:
         log(format_diagnostic(**results["diagnostic"]))
-    if t.topk_out:
-        write_topk_file(model, evaluator, t.topk_out)
     return results
 
 
 def eval_only(cfg, log):
-    if not cfg.train.ckpt:
-        raise UsageError("--eval-only needs --ckpt PATH (a run folder's best.pt)")
-    ckpt = load_checkpoint(cfg.train.ckpt)
-    saved = saved_config(ckpt, cfg.train.ckpt, cfg, "eval_only")
-    if saved.train.topk_out:
-        check_topk_target(saved.train.topk_out, os.path.dirname(os.path.abspath(cfg.train.ckpt)))
+    ckpt, saved, _ = saved_run(cfg, "eval_only")
     device = resolve_device(saved.train.device)
-    ds = load(saved.train)
-    check_data(ckpt, cfg.train.ckpt, ds)
-    check_for_data(saved, ds, device)
-    model = build(saved, ds, device, saved.train.seed)[0]
+    ds = load(saved, device)
+    check_data(ckpt, ds)
+    model = build(saved, ds, device)[0]
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
-        raise UsageError(f"{cfg.train.ckpt} does not fit its run's model ({str(e).strip().splitlines()[0]})") from None
-    evaluator = make_evaluator(ds, device)
-    metrics = evaluate(model, evaluator)
+        raise UsageError(f"{cfg.train.eval_only} does not fit its run's model ({first_line(e)})") from None
+    metrics = evaluate(model, make_evaluator(ds, device))
     log(json.dumps({"epoch": ckpt["epoch"], **metrics}, indent=2))
-    if cfg.train.topk_out:
-        write_topk_file(model, evaluator, cfg.train.topk_out)
     return metrics
 
-
-# ---------------------------------------------------------------------------------------------
-# Grids: --ablation and --grid
 
 ABLATIONS = [  # the ablation grid's points: (run folder prefix, what it is, settings)
     ("mi-cross", "SAND, --dist mi (CLUB fitted cross-modal, as released)", {"dist": "mi", "align": "solo", "club_fit": "cross"}),
@@ -1170,13 +1070,28 @@ ABLATIONS = [  # the ablation grid's points: (run folder prefix, what it is, set
     ("l2", "SAND, --dist l2", {"dist": "l2", "align": "solo"}),
     ("align-only", "alignment only: --dist none", {"dist": "none", "align": "solo"}),
     ("dist-only", "distancing only: --align none --dist mi", {"dist": "mi", "align": "none"}),
-    ("neither", "neither: --dist none --align none (with --backbone vbpr: VBPR itself)", {"dist": "none", "align": "none"}),
+    ("neither", "neither: --dist none --align none (the backbone itself)", {"dist": "none", "align": "none"}),
     ("complete", "complete alignment: --align complete --dist none (no split)", {"dist": "none", "align": "complete"}),
 ]
 METRICS = [f"{m}@{k}" for k in KS for m in ("recall", "ndcg")]
-# what --grid may list: every setting that changes results, except the data and the seed (--seeds)
-GRID_SETTINGS = {name: f for name, f in FIELDS.items() if name not in NOT_IN_RESULTS + ("dataset", "data_seed", "seed")}
-GRID_ONLY = ("ablation", "grid", "seeds", "out", "seed")  # settings of the grid, not of its runs
+
+
+def grid_points(specs):
+    """--grid's words (setting=v1,v2,...) -> the points of their product, in the order listed:
+    [(run folder prefix, label, {setting: value})]."""
+    axes, settings = {}, [name for name in FIELDS if name not in HOW + ("dataset", "data_seed", "seed")]
+    for spec in specs:
+        name, _, values = spec.partition("=")
+        if name not in settings or not values:
+            raise UsageError(f"--grid {spec!r} is not SETTING=V1,V2,... with one of the settings that change "
+                             f"results: {', '.join(settings)}")
+        if name in axes:
+            raise UsageError(f"--grid lists {name} twice: give all its values once, {name}=V1,V2,...")
+        axes[name] = [parse_setting(FIELDS[name], v) for v in values.split(",")]
+        twice = next((v for k, v in enumerate(axes[name]) if v in axes[name][:k]), None)
+        if twice is not None:
+            raise UsageError(f"--grid {spec}: {name} {twice} is listed twice; one point is one point")
+    return [grid_point(dict(zip(axes, combo))) for combo in itertools.product(*axes.values())]
 
 
 def parse_setting(f, text):
@@ -1189,25 +1104,6 @@ def parse_setting(f, text):
     if v not in f.metadata.get("choices", (v,)):
         raise UsageError(f"--grid {f.name}={text}: choose from {', '.join(f.metadata['choices'])}")
     return v
-
-
-def grid_points(specs):
-    """--grid's words (setting=v1,v2,...) -> the points of their product, in the order listed:
-    [(run folder prefix, label, {setting: value})]."""
-    axes = {}
-    for spec in specs:
-        name, _, values = spec.partition("=")
-        if name not in GRID_SETTINGS or not values:
-            raise UsageError(f"--grid {spec!r} is not SETTING=V1,V2,... with one of the settings that change "
-                             f"results: {', '.join(GRID_SETTINGS)}")
-        if name in axes:
-            raise UsageError(f"--grid lists {name} twice: give all its values once, {name}=V1,V2,...")
-        parsed = [parse_setting(GRID_SETTINGS[name], v) for v in values.split(",")]
-        twice = next((v for k, v in enumerate(parsed) if v in parsed[:k]), None)
-        if twice is not None:
-            raise UsageError(f"--grid {spec}: {name} {twice} is listed twice; one point is one point")
-        axes[name] = parsed
-    return [grid_point(dict(zip(axes, combo))) for combo in itertools.product(*axes.values())]
 
 
 def grid_point(changes):
@@ -1226,13 +1122,17 @@ class GridRun:
 
 
 def grid_runs(cfg, points):
-    """-> the grid's folder, its runs [GridRun] (every point for --seeds seeds: --seed, --seed + 1, ...,
-    each checked) and notes for the log. A setting that a point's variant does not read is dropped from that
-    point (sand.unread), and points that are then the same run are run once (the first listed); a setting
-    that no point reads is refused, and so is a flag that a point sets itself."""
-    out = cfg.train.out or default_folder(cfg, points)
-    base = {name: value(cfg, name) for name in cfg.given if name not in GRID_ONLY}
-    kind = "--ablation" if cfg.train.ablation else "--grid"
+    """-> the grid's folder, its runs [GridRun] (every point for --seeds seeds: --seed, --seed + 1, ..., each
+    checked) and notes for the log. The settings given besides the grid apply to the points that read them; a
+    point's setting that its variant does not read is dropped (sand.unread), and points that are then the same
+    run are run once (the first listed). A setting that no point reads is refused, as is one a point sets."""
+    t = cfg.train
+    kind = "--ablation" if t.ablation else "--grid"
+    if len(points) * t.seeds > MAX_RUNS:
+        raise UsageError(f"{kind} of {len(points)} points x {t.seeds} seeds is {len(points) * t.seeds:,} runs, more "
+                         f"than {MAX_RUNS:,}: split it")
+    out = t.out or default_folder(cfg, points)
+    base = {name: value(cfg, name) for name in cfg.given if name not in ("ablation", "grid", "seeds", "out", "seed")}
     for name in base:
         if any(name in changes for _, _, changes in points):
             raise UsageError(f"{flag(name)} is set by the {kind} points: leave it out")
@@ -1243,21 +1143,20 @@ def grid_runs(cfg, points):
         read |= settings.keys() - unread.keys()
         why |= unread
         kept = {k: v for k, v in changes.items() if k not in unread}
-        if not cfg.train.ablation:  # a grid point is named by the settings it keeps
+        if not t.ablation:  # a grid point is named by the settings it keeps
             key, label, _ = grid_point(kept)
         if key in seen:
-            dropped = "; ".join(f"{flag(k)} is {unread[k]}" for k in changes if k in unread)
             notes.append(f"{kind}: {' '.join(f'{flag(k)} {v}' for k, v in changes.items())} is the same run as "
-                         f"{seen[key]} ({dropped}): run once")
+                         f"{seen[key]} ({'; '.join(f'{flag(k)} is {unread[k]}' for k in changes if k in unread)}): "
+                         f"run once")
             continue
         seen[key] = label
-        for seed in range(cfg.train.seed, cfg.train.seed + cfg.train.seeds):
+        for seed in range(t.seed, t.seed + t.seeds):
             folder = os.path.join(out, f"{key}-seed{seed}")
-            check_folder_name(folder)
             one = make_config(**{k: v for k, v in settings.items() if k not in unread}, seed=seed, out=folder)
             try:
                 check(one)
-                check_read(one)
+                check_folder(folder)
             except UsageError as e:
                 raise UsageError(f"{kind} point {key}: {e}") from None
             runs.append(GridRun(key, label, kept, seed, folder, one))
@@ -1268,151 +1167,127 @@ def grid_runs(cfg, points):
     return out, runs, notes
 
 
-def grid(cfg, ds, device, points, log):
-    """Runs every run of the grid (grid_runs), each in its own folder, then writes <kind>.csv (a row per
-    run), <kind>.md (per point, mean and sample std over its seeds) and <kind>.json (the chosen point),
-    kind = ablation or grid. The chosen point has the best mean valid Recall@20 among the points none of
-    whose runs diverged (a loss that was not finite); a tie goes to the point listed first. Its test
-    metrics are what the grid reports: nothing is chosen by test. Before anything runs, every run is
-    checked against the data, and every run folder that holds a run must hold one of its settings on this
-    data; a finished one is read back, an interrupted one resumed from its last.pt, so that a grid run
-    again goes on where it stopped."""
+def grid(cfg, log):
+    """Runs every run of the grid (grid_runs), each in its own folder, then writes <kind>.csv (a row per run),
+    <kind>.md (per point, mean and sample std over its seeds) and <kind>.json (the chosen point), kind = ablation
+    or grid. The chosen point has the best mean valid Recall@20 among the points none of whose runs diverged (a
+    loss that was not finite); a tie goes to the point listed first. Its test metrics are what the grid reports:
+    nothing is chosen by test. Before anything runs, every run is checked against the data, and every run folder
+    that holds a run must hold one of its settings on this data; a finished one is read back, an interrupted one
+    resumed from its last.pt, so that a grid run again goes on where it stopped."""
     kind = "grid" if cfg.train.grid else "ablation"
-    out, runs, notes = grid_runs(cfg, points)
+    out, runs, notes = grid_runs(cfg, grid_points(cfg.train.grid) if cfg.train.grid else ABLATIONS)
+    device = resolve_device(cfg.train.device)
+    ds = load(cfg, device, [(r.key, r.cfg) for r in runs if r.seed == cfg.train.seed])
+    index = {}  # {point: its seeds}: what <kind>.json records, to tell this grid from another in the folder
+    for r in runs:
+        index.setdefault(r.key, []).append(r.seed)
+    theirs = read_json(os.path.join(out, f"{kind}.json")).get("points")
+    if theirs is not None and theirs != index:
+        raise UsageError(f"{out}/ holds the tables of another {kind} ({', '.join(theirs)}); give this one another --out")
+    for r in runs:
+        held = any(os.path.exists(os.path.join(r.folder, name)) for name in RUN_FILES)
+        if held and same_run(r.folder, r.cfg, ds) is not True:
+            raise UsageError(f"{r.folder}/ holds another run ({same_run(r.folder, r.cfg, ds)}); delete it, or give the "
+                             f"grid another --out")
+    log(f"--{kind}: {len(index)} points x {cfg.train.seeds} seeds = {len(runs)} runs in {out}/")
     for note in notes:
         log(note)
-    try:
-        with open(os.path.join(out, f"{kind}.json")) as f:
-            theirs = json.load(f).get("points")
-    except (OSError, ValueError, AttributeError):
-        theirs = None
-    ours = grid_index(runs)
-    if theirs is not None and theirs != ours:
-        raise UsageError(f"{out}/ holds the tables of another {kind} ({', '.join(theirs)}); give this one "
-                         f"another --out")
-    todo = []
-    for r in runs:
-        try:
-            check_for_data(r.cfg, ds, device)
-        except UsageError as e:
-            raise UsageError(f"--{kind} point {r.key}: {e}") from None
-        todo.append(finished_results(r.folder) if run_files(r.folder, r.cfg, ds) else None)
     lock = FolderLock(out)
     lock.acquire()
     try:
         rows, diagnostics = [], {}
-        for r, results in zip(runs, todo):
+        for r in runs:
+            results = read_json(os.path.join(r.folder, "results.json")) or None  # a finished run is read back
             if results is None:  # not yet run, or interrupted: then it goes on from its last.pt
                 last = os.path.join(r.folder, "last.pt")
                 resume = load_checkpoint(last) if os.path.isfile(last) else None
                 results = fit(r.cfg, ds, device, r.folder, resume, log=lambda *_: None)[0]
-            scores = {f"{s}_{m}": results[s] and results[s][m] for s in ("valid", "test") for m in METRICS}
             log(f"{r.key} seed {r.seed}: best epoch {results['best_epoch']}" + (", diverged" if results["diverged"] else "")
                 + ", test " + " ".join(f"{m} {results['test'][m]:.4f}" if results["test"] else f"{m} -" for m in METRICS))
-            rows.append({"point": r.key, "seed": r.seed, "best_epoch": results["best_epoch"],
-                         "diverged": results["diverged"], **scores})
+            rows.append({"point": r.key, "seed": r.seed, "best_epoch": results["best_epoch"], "diverged": results["diverged"],
+                         **{f"{s}_{m}": results[s] and results[s][m] for s in ("valid", "test") for m in METRICS}})
             diagnostics.setdefault(r.key, []).append(results.get("diagnostic"))
-        write_grid_tables(ds, device, kind, out, runs, rows, diagnostics, log)
+        write_grid_tables(ds, device, kind, out, runs, index, rows, diagnostics, log)
     finally:
         lock.release()
     return rows
 
 
-def grid_index(runs):
-    """{point: its seeds}: what a grid's <kind>.json records, to tell it from another grid in the folder."""
-    return {r.key: sorted(x.seed for x in runs if x.key == r.key) for r in runs}
-
-
-def write_grid_tables(ds, device, kind, out, runs, rows, diagnostics, log):
-    write_rows(os.path.join(out, f"{kind}.csv"), rows)
+def write_grid_tables(ds, device, kind, out, runs, index, rows, diagnostics, log):
+    """<kind>.csv, <kind>.md and <kind>.json (see grid()); with the built-in data's diagnostic, <kind>.md also
+    tabulates what the parts carry at initialisation -> at the best epoch, each figure the mean over the point's
+    seeds and the two modalities: R^2(part | group) of the generic factors, of the part's own modality's unique
+    ones and of the other modality's (a control: about 0); then linear CKA."""
+    write_whole(os.path.join(out, f"{kind}.csv"), csv_text(rows))
     columns = [f"{s}_{m}" for s in ("valid", "test") for m in METRICS]
     summary = []
     for point in {r.key: r for r in runs}.values():  # the first run of each point, in order
         mine = [row for row in rows if row["point"] == point.key]
         done = [row for row in mine if row["best_epoch"] is not None]
-        summary.append({
-            "point": point.key, "label": point.label, "settings": point.changes,
-            "diverged": sum(row["diverged"] for row in mine),
-            "mean": {c: float(np.mean([row[c] for row in done])) for c in columns} if done else None,
-            "std": {c: float(np.std([row[c] for row in done], ddof=1)) if len(done) > 1 else 0.0 for c in columns},
-            "best_epoch": np.mean([row["best_epoch"] or 0 for row in mine]),
-            "runs": [r.folder for r in runs if r.key == point.key]})
-    eligible = [p for p in summary if not p["diverged"] and p["mean"]]
-    chosen = max(eligible, key=lambda p: p["mean"]["valid_recall@20"], default=None)  # max keeps the first of ties
-    seeds = sorted({r.seed for r in runs})
-    lines = [f"Valid and test metrics at the best valid epoch on `{ds.name}`, mean ± sample std over "
-             f"{len(seeds)} seeds ({seeds[0]}..{seeds[-1]}).", "",
-             "| point | " + " | ".join(c.replace("_", " ") for c in columns) + " | best epoch |",
-             "|---" * (len(columns) + 2) + "|"]
+        summary.append({"point": point.key, "label": point.label, "settings": point.changes,
+                        "diverged": sum(row["diverged"] for row in mine), "runs": [r.folder for r in runs if r.key == point.key],
+                        "mean": {c: float(np.mean([row[c] for row in done])) for c in columns} if done else None,
+                        "std": {c: float(np.std([row[c] for row in done], ddof=1)) if len(done) > 1 else 0.0 for c in columns},
+                        "best_epoch": np.mean([row["best_epoch"] or 0 for row in mine])})
+    chosen = max([p for p in summary if not p["diverged"] and p["mean"]], key=lambda p: p["mean"]["valid_recall@20"],
+                 default=None)  # max keeps the first of ties
+    seeds, popular = sorted({r.seed for r in runs}), most_popular(ds, device)
+    lines = [f"Valid and test metrics at the best valid epoch on `{ds.name}`, mean ± sample std over {len(seeds)} seeds "
+             f"({seeds[0]}..{seeds[-1]}).", "", "| point | " + " | ".join(c.replace("_", " ") for c in columns)
+             + " | best epoch |", "|---" * (len(columns) + 2) + "|"]
     for p in summary:
-        cells = [f"{p['mean'][c]:.4f} ± {p['std'][c]:.4f}" if p["mean"] else "-" for c in columns]
         mark = (" (chosen)" if p is chosen else "") + (f" (diverged in {p['diverged']} runs)" if p["diverged"] else "")
-        lines.append(f"| {p['label']}{mark} | " + " | ".join(cells) + f" | {p['best_epoch']:.0f} |")
-    popular = most_popular(ds, device)
-    lines.append("| most popular (train counts, no training) | "
-                 + " | ".join(f"{popular[c.split('_')[0]][c.split('_')[1]]:.4f}" for c in columns) + " | |")
-    lines += ["", f"Chosen by the best mean valid Recall@20: {chosen['label']}; its test metrics are the grid's "
-              "result." if chosen else "No point finished without diverging: none is chosen."]
-    lines += diagnostic_tables(summary, diagnostics)
-    table = "\n".join(lines) + "\n"
-    write_whole(os.path.join(out, f"{kind}.md"), table)
-    save_json(os.path.join(out, f"{kind}.json"), {
-        "points": grid_index(runs),
-        "rule": "best mean valid recall@20 over the points with no diverged run; a tie goes to the point listed first",
-        "chosen": chosen and {"point": chosen["point"], "settings": chosen["settings"], "runs": chosen["runs"],
-                              **{s: {m: chosen["mean"][f"{s}_{m}"] for m in METRICS} for s in ("valid", "test")}}})
-    log(table)
-
-
-def diagnostic_tables(summary, diagnostics):
-    """The grid's planted-factor diagnostic (built-in data), at initialisation -> at the best epoch, each figure the
-    mean over the point's seeds and the two modalities: per part, R^2(part | group) of the generic factors, the
-    part's own modality's unique factors and the other modality's (a control: about 0); then linear CKA. Lines of
-    markdown (none without a diagnostic)."""
+        lines.append(f"| {p['label']}{mark} | " + " | ".join(f"{p['mean'][c]:.4f} ± {p['std'][c]:.4f}" if p["mean"]
+                                                              else "-" for c in columns) + f" | {p['best_epoch']:.0f} |")
+    lines += ["| most popular (train counts, no training) | " + " | ".join(
+        f"{popular[c.split('_')[0]][c.split('_')[1]]:.4f}" for c in columns) + " | |", "",
+        f"Chosen by the best mean valid Recall@20: {chosen['label']}; its test metrics are the grid's result."
+        if chosen else "No point finished without diverging: none is chosen."]
     done = {p["label"]: [d for d in diagnostics.get(p["point"], []) if d] for p in summary}
     done = {label: ds for label, ds in done.items() if ds}
-    if not done:
-        return []
     other = dict(zip(MODALITIES, reversed(MODALITIES)))
     groups = {"generic": lambda m: "generic", "own unique": lambda m: m, "other unique": lambda m: other[m]}
     pairs = {"g_text ~ g_image": ["text g ~ image g"], "z_text ~ z_image": ["text z ~ image z"],
              "a_m ~ b_m": [f"{m} a ~ {m} b" for m in MODALITIES], "g_m ~ u_m": [f"{m} g ~ {m} u" for m in MODALITIES]}
 
-    def cell(ds, values):  # values(diagnostic at a time) -> the figures to average, or None if it has none
-        at = {when: [v for d in ds for v in (values(d[when]) or [])] for when in ("init", "best")}
+    def cell(ds, values):  # values(a diagnostic) -> the figures to average (none: "-")
+        at = {when: [v for d in ds for v in values(d[when])] for when in ("init", "best")}
         return f"{np.mean(at['init']):.2f} -> {np.mean(at['best']):.2f}" if at["best"] else "-"
-    lines = ["", "What the learned parts carry (train.py's diagnostic): R^2(part | planted factor group) on held-out "
-             "items, at initialisation -> at the best epoch, mean over the seeds and both modalities.", "",
-             "| point | part | " + " | ".join(groups) + " |", "|---" * (len(groups) + 2) + "|"]
+    if done:
+        lines += ["", "What the learned parts carry (train.py's diagnostic): R^2(part | planted factor group) on held-out "
+                  "items, at initialisation -> at the best epoch, mean over the seeds and both modalities.", "",
+                  "| point | part | " + " | ".join(groups) + " |", "|---" * (len(groups) + 2) + "|"]
     for label, ds in done.items():
         names = ds[0]["best"]["shares"]
-        for kind in dict.fromkeys(name.split()[-1] for name in names):  # g, u, z, a, b (plain VBPR: features)
-            mods = [m for m in MODALITIES if f"{m} {kind}" in names]
-            if not mods:  # a part of both modalities at once: its shares by group name
-                lines.append(f"| {label} | {kind} | " + " | ".join(
-                    [cell(ds, lambda d: [d["shares"][kind]["generic"]])] + ["-"] * (len(groups) - 1)) + " |")
-                continue
-            lines.append(f"| {label} | {kind}_m | " + " | ".join(cell(ds, lambda d, g=g: [
-                d["shares"][f"{m} {kind}"][g(m)] for m in mods]) for g in groups.values()) + " |")
-    lines += ["", "Linear CKA on held-out items, at initialisation -> at the best epoch, mean over the seeds (and "
-              "over both modalities for a_m ~ b_m and g_m ~ u_m).", "",
-              "| point | " + " | ".join(pairs) + " |", "|---" * (len(pairs) + 1) + "|"]
+        for part in dict.fromkeys(name.split()[-1] for name in names):  # g, u, z, a, b (plain VBPR: features)
+            mods = [m for m in MODALITIES if f"{m} {part}" in names]
+            lines.append(f"| {label} | {part}_m | " + " | ".join(cell(ds, lambda d, g=g: [
+                d["shares"][f"{m} {part}"][g(m)] for m in mods]) for g in groups.values()) + " |" if mods else
+                f"| {label} | {part} | {cell(ds, lambda d: [d['shares'][part]['generic']])} | - | - |")
+    if done:
+        lines += ["", "Linear CKA on held-out items, at initialisation -> at the best epoch, mean over the seeds (and over "
+                  "both modalities for a_m ~ b_m and g_m ~ u_m).", "", "| point | " + " | ".join(pairs) + " |",
+                  "|---" * (len(pairs) + 1) + "|"]
     for label, ds in done.items():
         lines.append(f"| {label} | " + " | ".join(cell(ds, lambda d, keys=keys: [d["cka"][k] for k in keys if k in d["cka"]])
                                                    for keys in pairs.values()) + " |")
-    return lines
+    write_whole(os.path.join(out, f"{kind}.md"), "\n".join(lines) + "\n")
+    write_whole(os.path.join(out, f"{kind}.json"), json_text({
+        "points": index,
+        "rule": "best mean valid recall@20 over the points with no diverged run; a tie goes to the point listed first",
+        "chosen": chosen and {"point": chosen["point"], "settings": chosen["settings"], "runs": chosen["runs"],
+                              **{s: {m: chosen["mean"][f"{s}_{m}"] for m in METRICS} for s in ("valid", "test")}}}))
+    log("\n".join(lines))
 
 
 # ---------------------------------------------------------------------------------------------
-# Progress, timing, CUDA graphs
+# Progress and timing
 
 class Status:
-    """The command line's progress line: on a terminal, one line rewritten in place and cleared before
-    each logged line; elsewhere (a log file, a pipe) nothing, so the output is one line per epoch.
-    main() turns it on when stdout is a terminal."""
-
-    def __init__(self):
-        self.on, self.width, self.shown_at, self.epoch_start = False, 0, -math.inf, None
+    """The command line's progress line: on a terminal (main() turns it on), one line rewritten in place and cleared
+    before each logged line; elsewhere (a log file, a pipe) nothing, so the output is one line per epoch."""
+    on, width, shown_at, epoch_start = False, 0, -math.inf, None
 
     def show(self, text, every=0.0):
         """Put `text` on the progress line (at most once per `every` seconds)."""
@@ -1428,8 +1303,7 @@ class Status:
         spent = time.perf_counter() - self.epoch_start
         self.show(f"training: batch {done}/{total}, {spent:.1f} s, about {spent / done * (total - done):.0f} s "
                   f"left in this epoch", every=0.0 if done == 1 else 0.2)
-        if done == total:
-            self.epoch_start = None
+        self.epoch_start = None if done == total else self.epoch_start
 
     def log(self, *args):
         """print(), after clearing the progress line."""
@@ -1446,87 +1320,52 @@ class Timer:
     """Seconds per phase of an epoch, in `total`; with `sync`, waits for the device at each lap (profiling)."""
 
     def __init__(self, device, sync):
-        self.device, self.sync = device, sync and device.type == "cuda"
-        self.total, self.last = {}, time.perf_counter()
+        self.device, self.sync, self.total, self.last = device, sync and device.type == "cuda", {}, time.perf_counter()
 
     def lap(self, name):
         if self.sync:
             torch.cuda.synchronize(self.device)
-        now = time.perf_counter()
-        self.total[name] = self.total.get(name, 0.0) + now - self.last
-        self.last = now
-
-
-class CUDAGraphed:
-    """A training step, `step(batch) -> loss terms` for a batch of tensors, run as CUDA graphs. The second
-    batch of each size records the whole step once (forward, backward, the estimator's steps, both optimizer
-    steps: thousands of kernels at Baby's size, most of them the estimator's), and every later batch of that
-    size copies its tensors into the graph's input buffers and replays it: the same kernels on the same
-    memory, so the same numbers, without launching them one by one from Python. The first batch of each size
-    runs directly, which also makes the optimizers' state that the graph then updates."""
-
-    def __init__(self, step, optimizers):
-        self.step, self.optimizers = step, optimizers
-        self.seen, self.graphs = set(), {}  # batch sizes run so far; size: (graph, its input buffers, its terms)
-
-    def __call__(self, batch):
-        size = len(batch[0])
-        if size not in self.seen:
-            self.seen.add(size)
-            return self.step(batch)
-        if size not in self.graphs:  # record (capture runs nothing), then replay below
-            inputs = [None if t is None else t.clone() for t in batch]  # the graph's inputs, at fixed addresses
-            graph, groups = torch.cuda.CUDAGraph(), [g for o in self.optimizers for g in o.param_groups]
-            for g in groups:  # capture asks for it; fused Adam computes the same either way
-                g["capturable"] = True
-            with torch.cuda.graph(graph):
-                terms = self.step(inputs)
-            for g in groups:
-                g["capturable"] = False
-            self.graphs[size] = graph, inputs, terms
-        graph, inputs, terms = self.graphs[size]
-        for buffer, t in zip(inputs, batch):
-            if t is not None:
-                buffer.copy_(t)
-        graph.replay()
-        return {k: v.clone() for k, v in terms.items()}  # the next replay overwrites them
+        self.total[name], self.last = self.total.get(name, 0.0) + time.perf_counter() - self.last, time.perf_counter()
 
 
 # ---------------------------------------------------------------------------------------------
 # Command line
 
 class Parser(argparse.ArgumentParser):
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$", re.I)  # --lr -1e-3: a value
+
     def error(self, message):  # one line, as every other refusal (argparse prints its usage too)
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def parser():
     p = Parser(prog="train.py", description="Train SAND (Separate Alignment aNd Distancing) and report "
-                                "MMRec's Recall@10/20 and NDCG@10/20 at the best valid epoch.")
+                                            "MMRec's Recall@10/20 and NDCG@10/20 at the best valid epoch.")
+    variants = list(itertools.product(BACKBONES, ("mi", "l2", "none"), ("solo", "complete", "none")))
     for group, cls in (("training", TrainConfig), ("model (defaults: the authors' released code)", SANDConfig)):
         g = p.add_argument_group(group)
-        for f in dataclasses.fields(cls):
-            # default None: a flag left out takes its default for the variant (make_config)
+        for f in dataclasses.fields(cls):  # default None: a flag left out takes its variant's default (make_config)
+            readers = sorted({b for b, d, a in variants if f.name not in sand.unread(SANDConfig(b, d, a, dropout=0.5))},
+                             key=BACKBONES.index) if cls is SANDConfig else BACKBONES
+            text = f.metadata["help"] + (f" [--backbone {' or '.join(readers)} only]" if len(readers) < 3 else "")
             if f.type is bool:
-                g.add_argument(flag(f.name), action="store_true", default=None, help=f.metadata["help"])
-            elif "nargs" in f.metadata:
-                g.add_argument(flag(f.name), nargs=f.metadata["nargs"], help=f.metadata["help"],
-                               metavar=f.metadata["metavar"])
+                g.add_argument(flag(f.name), action="store_true", default=None, help=text)
+            elif f.type is tuple:
+                g.add_argument(flag(f.name), nargs="+", action="extend", help=text, metavar=f.metadata["metavar"])
             else:
                 others = "".join(f"; --backbone {b}: {f.metadata[b]}" for b in BACKBONES if b in f.metadata)
                 if "plain_vbpr" in f.metadata:
                     others += f"; plain VBPR (--backbone vbpr --dist none --align none): {f.metadata['plain_vbpr']}"
-                shown = f" (default: {f.default}{others})" if f.default != "" else ""
-                g.add_argument(flag(f.name), type=f.type, help=f.metadata["help"] + shown,
-                               choices=f.metadata.get("choices"))
+                g.add_argument(flag(f.name), type=f.type, help=text + (f" (default: {f.default}{others})" if f.default
+                                                                       != "" else ""),
+                               choices=f.metadata.get("choices"), metavar=f.metadata.get("metavar"))
     return p
 
 
 def config_from_args(args):
-    given = {k: v for k, v in vars(args).items() if v is not None}  # the flags on the command line
-    if "grid" in given:
-        given["grid"] = tuple(given["grid"])  # argparse gives a list
-    return make_config(**given)
+    return make_config(**{k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items() if v is not None})
 
 
 def main(argv=None):
@@ -1542,7 +1381,7 @@ def main(argv=None):
         sys.exit(2)
     except KeyboardInterrupt:
         print("train.py: interrupted; every file written so far is complete (a run continues with --resume "
-              "RUN/last.pt, a --grid or --ablation by running it again)", file=sys.stderr)
+              "RUN, a --grid or --ablation by running it again)", file=sys.stderr)
         sys.exit(143 if INTERRUPTS.signal == signal.SIGTERM else 130)
 
 
