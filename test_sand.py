@@ -1701,12 +1701,12 @@ def test_metrics_csv_never_lists_epochs_that_the_run_no_longer_has(tmp_path, mon
     base = tiny_run(tmp_path, epochs=3, out=str(tmp_path / "run"))
     train.run(run_cfg(**base), log=quiet)
     monkeypatch.setattr(train, "CHECKPOINT_SECONDS", 1e9)  # no checkpoint until the end
-    real = train.Run.checkpoint
-    monkeypatch.setattr(train.Run, "checkpoint", lambda self, p: (_ for _ in ()).throw(SystemExit))
+    real = train.Run.finish
+    monkeypatch.setattr(train.Run, "finish", lambda *a: (_ for _ in ()).throw(SystemExit))
     with pytest.raises(SystemExit):
         train.run(run_cfg(resume=str(tmp_path / "run"), epochs=8), log=quiet)
     assert len(rows_of(tmp_path / "run" / "metrics.csv")) == 3  # as last.pt: the killed epochs were never written
-    monkeypatch.setattr(train.Run, "checkpoint", real)
+    monkeypatch.setattr(train.Run, "finish", real)
     results = train.run(run_cfg(resume=str(tmp_path / "run"), epochs=7), log=quiet)
     assert results["epochs_run"] == 7 and len(rows_of(tmp_path / "run" / "metrics.csv")) == 7
 
@@ -1774,14 +1774,11 @@ def test_a_run_that_fails_its_checks_leaves_the_folder_as_it_was(tmp_path):
 
 def test_two_runs_never_share_a_folder(tmp_path):
     out = tmp_path / "run"
-    lock = train.FolderLock(str(out))
-    lock.acquire()  # another train.py holds the folder
-    try:
+    with train.locked(str(out)):  # another train.py holds the folder
         with pytest.raises(train.UsageError, match=re.escape(f"{out}/ is in use by another train.py (pid {os.getpid()})")):
             train.run(run_cfg(**tiny_run(tmp_path, epochs=1, out=str(out))), log=quiet)
         assert set(os.listdir(out)) == {".lock"}
-    finally:
-        lock.release()
+    assert not out.exists()  # a folder that the lock made, and nothing else wrote to, is removed again
     train.run(run_cfg(**tiny_run(tmp_path, epochs=1, out=str(out))), log=quiet)  # free again
     assert (out / "results.json").is_file()
 

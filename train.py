@@ -12,6 +12,7 @@ A reader of the method may stop at that banner. A setting's default lives in its
 SANDConfig in sand.py, each with its backbones' own defaults beside it.
 """
 import argparse
+import collections
 import contextlib
 import copy
 import csv
@@ -366,7 +367,7 @@ def fit(cfg, ds, device, folder, resume=None, log=print):
     if device.type == "cuda" and not (t.plain or t.profile or cfg.sand.backbone == "freedom"):
         step = CUDAGraphed(step, [opt, club_opt])  # the same step, recorded once and replayed (FREEDOM's graph
         # changes every epoch, so its steps run directly)
-    with Run(cfg, ds, folder, log) as run:
+    with locked(folder), Run(cfg, ds, folder, log) as run:
         p = run.start((model, club, opt, club_opt, [gen, perm_gen]), resume)  # a new Progress, or the checkpoint's
         while p.epoch < t.epochs and p.bad_epochs <= t.patience and p.diverged is None:
             epoch, t0 = p.epoch + 1, time.perf_counter()
@@ -374,7 +375,7 @@ def fit(cfg, ds, device, folder, resume=None, log=print):
             t1 = time.perf_counter()
             if not finite(terms, model, club):  # no later epoch, nor this one, can be trusted
                 p.diverged = epoch
-                run.diverged(p, terms)
+                run.end_epoch(p, terms)
                 break
             metrics = evaluate(model, evaluator)
             t2 = time.perf_counter()
@@ -384,10 +385,9 @@ def fit(cfg, ds, device, folder, resume=None, log=print):
                 p.best_epoch, p.best, p.best_model = epoch, metrics, copy.deepcopy(model.state_dict())
             p.epoch = epoch
             run.end_epoch(p, terms, metrics, improved, t1 - t0, t2 - t1, timer)  # metrics, checkpoint when due, log
-        run.checkpoint(p)  # the last epoch's state: last.pt, best.pt, metrics.csv
         if p.best_model is not None:
             model.load_state_dict(p.best_model)  # the model at its best epoch, which the results are of
-        results = run.finish(p, model, evaluator)  # results.json, topk.tsv
+        results = run.finish(p, model, evaluator)  # the last epoch's checkpoint; results.json, topk.tsv
     return results, model, evaluator
 
 
@@ -469,6 +469,38 @@ def format_diagnostic(init, best):
     return "\n".join(lines)
 
 
+def diagnostic_tables(points):
+    """A grid's diagnostic as markdown lines, {point: its runs' diagnostics}: at initialisation -> at the best epoch,
+    each figure the mean over the point's seeds and the two modalities. Per part, R^2(part | group) of the generic
+    factors, of the part's own modality's unique ones and of the other modality's (a control: about 0); then CKA."""
+    other = dict(zip(MODALITIES, reversed(MODALITIES)))
+    groups = {"generic": lambda m: "generic", "own unique": lambda m: m, "other unique": lambda m: other[m]}
+    pairs = {"g_text ~ g_image": ["text g ~ image g"], "z_text ~ z_image": ["text z ~ image z"],
+             "a_m ~ b_m": [f"{m} a ~ {m} b" for m in MODALITIES], "g_m ~ u_m": [f"{m} g ~ {m} u" for m in MODALITIES]}
+
+    def cell(ds, values):  # values(a diagnostic) -> the figures to average (none: "-")
+        at = {when: [v for d in ds for v in values(d[when])] for when in ("init", "best")}
+        return f"{np.mean(at['init']):.2f} -> {np.mean(at['best']):.2f}" if at["best"] else "-"
+    lines = ["", "What the learned parts carry (train.py's diagnostic): R^2(part | planted factor group) on held-out "
+             "items, at initialisation -> at the best epoch, mean over the seeds and both modalities.", "",
+             "| point | part | " + " | ".join(groups) + " |", "|---" * (len(groups) + 2) + "|"]
+    for label, ds in points.items():
+        names = ds[0]["best"]["shares"]
+        for part in dict.fromkeys(name.split()[-1] for name in names):  # g, u, z, a, b (plain VBPR: features)
+            mods = [m for m in MODALITIES if f"{m} {part}" in names]
+            lines.append(f"| {label} | {part}_m | " + " | ".join(cell(ds, lambda d, g=g: [
+                d["shares"][f"{m} {part}"][g(m)] for m in mods]) for g in groups.values()) + " |" if mods else
+                f"| {label} | {part} | {cell(ds, lambda d: [d['shares'][part]['generic']])} | - | - |")
+    lines += ["", "Linear CKA on held-out items, at initialisation -> at the best epoch, mean over the seeds (and over "
+              "both modalities for a_m ~ b_m and g_m ~ u_m).", "", "| point | " + " | ".join(pairs) + " |",
+              "|---" * (len(pairs) + 1) + "|"]
+    for label, ds in points.items():
+        lines.append(f"| {label} | " + " | ".join(cell(ds, lambda d, keys=keys: [d["cka"][k] for k in keys if k in d["cka"]])
+                                                   for keys in pairs.values()) + " |")
+    return lines if points else []
+
+
+
 
 # =============================================================================================
 # Run management. Nothing below changes what a run computes: the configuration (each setting's value, and
@@ -514,9 +546,8 @@ def defaults(backbone, dist=None, align=None):
 def make_config(given=None, **settings):
     """The run configuration of these settings, every other one at its default for the variant (defaults()). The
     settings count as given (check() refuses a given one that the variant does not read) unless `given` names which."""
-    unknown = settings.keys() - FIELDS.keys()
-    if unknown:
-        raise TypeError(f"make_config: no setting {', '.join(sorted(unknown))}")
+    if settings.keys() - FIELDS.keys():
+        raise TypeError(f"make_config: no setting {', '.join(sorted(settings.keys() - FIELDS.keys()))}")
     backbone = settings.get("backbone", SANDConfig.backbone)
     first = defaults(backbone)
     values = defaults(backbone, settings.get("dist", first["dist"]), settings.get("align", first["align"])) | settings
@@ -546,14 +577,13 @@ def check(cfg):
     modes = [n for n in ("resume", "eval_only", "ablation", "grid") if getattr(t, n)]
     if len(modes) > 1:
         raise UsageError(f"{flag(modes[0])} and {flag(modes[1])} do not go together: run them one at a time")
-    grid, builtin = bool(modes) and modes[0] in ("ablation", "grid"), t.dataset in data.BUILTIN
-    unread = {} if grid else sand.unread(s)  # a grid judges its points' own
-    unread |= {"seeds": "read only with --ablation or --grid"} if not grid else {"profile": "not read by --ablation or "
-                                                                                "--grid (profile one point alone)"}
-    unread |= {"data_seed": "read only with a built-in --dataset"} if not builtin else {
-        "data_dir": f"not read by the built-in --dataset {t.dataset}"}
-    if modes and modes[0] in ("resume", "eval_only"):
-        unread = {"seeds": unread["seeds"]}  # a saved run: its own settings are checked with those given (saved_run)
+    grid, saved = modes[:1] in (["ablation"], ["grid"]), modes[:1] in (["resume"], ["eval_only"])
+    unread = {"seeds": "read only with --ablation or --grid"} if not grid else {
+        "profile": "not read by --ablation or --grid (profile one point alone)"}
+    if not saved:  # a saved run's own settings are judged with those given, by saved_run; a grid's points by grid_runs
+        unread |= ({} if grid else sand.unread(s)) | ({"data_seed": "read only with a built-in --dataset"} if
+                                                      t.dataset not in data.BUILTIN else
+                                                      {"data_dir": f"not read by the built-in --dataset {t.dataset}"})
     for name in FIELDS:  # in the order of the flags
         if name in cfg.given and name in unread:
             raise UsageError(f"{flag(name)} is {unread[name]}: leave it out")
@@ -565,13 +595,13 @@ def check(cfg):
 
 
 def check_folder(path):
-    """A run folder's path must be one that a folder can be made at."""
+    """A run folder's path must be one that a folder can be made at (a grid of many settings makes long names)."""
     if os.path.isfile(path) or (os.path.islink(path) and not os.path.exists(path)):
         raise UsageError(f"{path} is a file or a broken symbolic link: give a folder path")
-    long = [part for part in os.path.normpath(path).split(os.sep) if len(part.encode()) > 255]
-    if long:  # a grid of many settings makes long default names
-        raise UsageError(f"the run folder name {long[0][:40]}... is {len(long[0].encode())} bytes, more than a file "
-                         f"system allows (255): give --out")
+    for part in os.path.normpath(path).split(os.sep):
+        if len(part.encode()) > 255:
+            raise UsageError(f"the run folder name {part[:40]}... is {len(part.encode())} bytes, more than a file "
+                             f"system allows (255): give --out")
 
 
 def check_for_data(cfg, n_users, n_items, widths, device):
@@ -610,8 +640,7 @@ def resolve_device(name):
     except RuntimeError:
         raise UsageError(f"--device {name!r} is not a device: use cpu, cuda or cuda:N") from None
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    for bad, why in ((device.type not in ("cpu", "cuda"), "only cpu and cuda are supported (the graphs use sparse CSR "
-                                                          "products)"),
+    for bad, why in ((device.type not in ("cpu", "cuda"), "only cpu and cuda are supported (sparse CSR products)"),
                      (device.type == "cpu" and device.index is not None, "the CPU has no device number; use --device cpu"),
                      (device.type == "cuda" and not count, "this torch sees no CUDA GPU; use --device cpu"),
                      (device.type == "cuda" and (device.index or 0) >= count,
@@ -660,18 +689,17 @@ CHECKPOINT_SECONDS = 60  # after the first epoch, then at most this often, at th
 
 
 class Run:
-    """A run's folder, used as `with Run(...) as run:` around the epoch loop. The folder holds one run, locked while
-    a train.py uses it, and its files always describe one state of that run: each is written whole (to a new name,
-    then renamed), and a run writes nothing until its first checkpoint, which replaces what an earlier run of these
-    settings left there (a folder of another run is refused). A checkpoint is last.pt (all a run needs to go on:
-    weights, optimizers, generators, the metrics so far, the best epoch's weights), best.pt and metrics.csv, written
-    after the first epoch, at most once a minute after that, at the end, and on Ctrl-C or SIGTERM: no finished
-    epoch is lost. A resumed run must be in the folder its last.pt was written in (config.json names the run)."""
+    """A run's folder (locked by fit() while it trains), used as `with Run(...) as run:` around the epoch loop. It
+    holds one run, and its files always describe one state of that run: a run writes nothing until its first
+    checkpoint, which replaces what an earlier run of these settings left (a folder of another run is refused).
+    A checkpoint is last.pt (all a run needs to go on: weights, optimizers, generators, the metrics so far, the
+    best epoch's weights), best.pt and metrics.csv, each written whole before any is renamed into place; after
+    the first epoch, at most once a minute after that, at the end, and on Ctrl-C or SIGTERM: no finished epoch is
+    lost. config.json names the run, so a last.pt resumes only in the folder it was written in."""
 
     def __init__(self, cfg, ds, folder, log):
         self.cfg, self.ds, self.folder, self.log = cfg, ds, folder, log
-        self.lock, self.kept, self.saved_at, self.written = FolderLock(folder), None, -math.inf, False
-        self.saved = self.saved_best = None  # the epochs that last.pt and best.pt hold
+        self.kept, self.saved_at, self.written, self.saved, self.saved_best = None, -math.inf, False, None, None
 
     def path(self, name):
         return os.path.join(self.folder, name)
@@ -680,23 +708,19 @@ class Run:
         return self
 
     def __exit__(self, kind, error, trace):
-        try:
-            if kind is not None and issubclass(kind, KeyboardInterrupt) and self.lock.held:
-                with INTERRUPTS.held():  # a second Ctrl-C waits for the last epoch's files
-                    if self.kept is not None and self.kept["epoch"] != self.saved:
-                        self.save()
-                    self.log(f"interrupted: --resume {self.folder} continues after epoch {self.saved}" if self.saved
-                             is not None else f"interrupted before the first epoch ended: {self.folder}/ is as it was")
-        finally:
-            self.lock.release()
+        if kind is not None and issubclass(kind, KeyboardInterrupt):
+            with INTERRUPTS.held():  # a second Ctrl-C waits for the last epoch's files
+                if self.kept is not None and self.kept["epoch"] != self.saved:
+                    self.save()
+                self.log(f"interrupted: --resume {self.folder} continues after epoch {self.saved}" if self.saved
+                         is not None else f"interrupted before the first epoch ended: {self.folder}/ is as it was")
 
     def start(self, parts, resume):
-        """-> the run's Progress: a new one, or that of the checkpoint `resume`, with the run's state restored.
+        """-> the run's Progress: a new one, or that of the checkpoint `resume` with the run's state restored.
         parts: (model, estimator, optimizer, the estimator's, [generators])."""
         self.parts, model = parts, parts[0]
-        self.lock.acquire()
-        held = [name for name in RUN_FILES if os.path.exists(self.path(name))]
         if resume is None:
+            held = any(os.path.exists(self.path(name)) for name in RUN_FILES)
             same = same_run(self.folder, self.cfg, self.ds) if held else True
             if same is not True:
                 raise UsageError(f"{self.folder}/ holds another run ({same}); give another --out, or delete that folder")
@@ -706,8 +730,8 @@ class Run:
         else:
             if read_json(self.path("config.json")).get("run") != resume["run"]:
                 raise UsageError(f"{self.folder}/ holds another run than the one its last.pt was written by")
-            self.id, p = resume["run"], restore(resume, *parts)
-            self.saved, self.saved_at, t = p.epoch, time.perf_counter(), self.cfg.train  # best.pt: rewritten at the first
+            self.id, p, t = resume["run"], restore(resume, *parts), self.cfg.train
+            self.saved, self.saved_at = p.epoch, time.perf_counter()  # best.pt is written again at the first checkpoint
             self.log(f"resuming {self.folder}/ after epoch {p.epoch} (--epochs {t.epochs}, --patience {t.patience})"
                      + (": it has already stopped" if p.diverged or p.bad_epochs > t.patience else ""))
         self.log(f"{self.ds.summary(short=True)} on {model_device(model)}; writing to {self.folder}/")
@@ -715,8 +739,13 @@ class Run:
             self.log(note)
         return p
 
-    def end_epoch(self, p, terms, metrics, improved, train_s, eval_s, timer):
-        """After an epoch: its metrics row, the state kept, a checkpoint when due, the log line."""
+    def end_epoch(self, p, terms, metrics=None, improved=False, train_s=0.0, eval_s=0.0, timer=None):
+        """After an epoch: its metrics row, the state kept, a checkpoint when due, the log line. Without metrics: an
+        epoch whose loss or weights are not finite, which stops the run (for good: resumed, it stays stopped)."""
+        if metrics is None:
+            self.log(f"epoch {p.diverged}: a loss or a weight is not finite ({terms}); stopping, "
+                     + (f"the best epoch ({p.best_epoch}) is kept" if p.best_epoch else "no epoch finished"))
+            return self.keep(p)
         p.history.append({"epoch": p.epoch, **{k: round(v, 6) for k, v in terms.items()},
                           **{f"{s}_{k}": round(v, 6) for s in metrics for k, v in metrics[s].items()},
                           "train_s": round(train_s, 3), "eval_s": round(eval_s, 3)})
@@ -730,39 +759,34 @@ class Run:
             self.log("  profile: " + " ".join(f"{k} {v:.3f}s" for k, v in timer.total.items()) + f" evaluate {eval_s:.3f}s")
         timer.total.clear()
 
-    def diverged(self, p, terms):
-        """An epoch whose loss or weights are not finite: the run stops (and stays stopped if resumed)."""
-        self.log(f"epoch {p.diverged}: a loss or a weight is not finite ({terms}); stopping, "
-                 + (f"the best epoch ({p.best_epoch}) is kept" if p.best_epoch else "no epoch finished"))
-        self.keep(p)
-
     def keep(self, p):
         """Copy now what last.pt is to hold, as training moves on: every weight, optimizer state and generator, and
         the Progress (its best epoch's weights by reference: a new copy replaces them when the best moves)."""
         model, club, opt, club_opt, generators = self.parts
-        rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(model_device(model))}
-                                                 if model_device(model).type == "cuda" else {})}
-        self.kept = {"run": self.id, "epoch": p.epoch, "generators": [g.get_state() for g in generators], "rng": rng,
+        cuda = model_device(model).type == "cuda"
+        self.kept = {"run": self.id, "epoch": p.epoch, "generators": [g.get_state() for g in generators],
+                     "rng": {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(model_device(model))}
+                                                              if cuda else {})},
                      "progress": {**vars(p), "history": list(p.history)}, **checkpoint_header(self.cfg, self.ds),
                      **{k: copy.deepcopy(part.state_dict()) for k, part in
                         (("model", model), ("club", club), ("opt", opt), ("club_opt", club_opt))}}
 
     def save(self):
-        """The kept state's checkpoint: last.pt, metrics.csv, best.pt when the best epoch moved, and at a run's first
-        its config.json, all written before any is renamed into place (a full disk leaves the folder as it was); then
-        no earlier run's results remain."""
+        """The kept state's checkpoint: last.pt, metrics.csv, best.pt if the best epoch moved and, at a run's first,
+        config.json, all written before any is renamed into place (a full disk leaves the folder as it was); then
+        no earlier run's results are left."""
         k, p, header = self.kept, self.kept["progress"], checkpoint_header(self.cfg, self.ds)
-        files = {self.path("last.pt"): (lambda f: torch.save(k, f), "wb"), self.path("metrics.csv"): (csv_text(p["history"]), "w")}
-        if p["best_epoch"] != self.saved_best and p["best_epoch"] is not None:
-            best = {"run": self.id, "model": p["best_model"], "epoch": p["best_epoch"], **header}
-            files[self.path("best.pt")] = (lambda f: torch.save(best, f), "wb")
+        best = {"run": self.id, "model": p["best_model"], "epoch": p["best_epoch"], **header}
+        files = {"last.pt": (lambda f: torch.save(k, f), "wb"), "metrics.csv": (csv_text(p["history"]), "w")}
+        if p["best_epoch"] not in (self.saved_best, None):
+            files["best.pt"] = (lambda f: torch.save(best, f), "wb")
         if not self.written:  # this run's first checkpoint: the folder becomes its alone
-            files[self.path("config.json")] = (json_text({**self.cfg.as_dict(), "run": self.id, "given": header["given"],
-                                                          "dataset_stats": header["dataset"],
-                                                          "environment": environment(model_device(self.parts[0]))}), "w")
+            files["config.json"] = (json_text({**self.cfg.as_dict(), "run": self.id, "given": header["given"],
+                                               "dataset_stats": header["dataset"],
+                                               "environment": environment(model_device(self.parts[0]))}), "w")
         with INTERRUPTS.held():
             try:
-                data.write_together(files)
+                data.write_together({self.path(name): content for name, content in files.items()})
             except (RuntimeError, OSError) as e:  # RuntimeError: torch.save's way of saying that a write failed
                 raise OSError(f"cannot write a checkpoint in {self.folder}/ ({first_line(e)}): is the disk full?") from None
             for name in ("results.json", "topk.tsv", "best.pt")[:0 if self.written else 2 if p["best_epoch"] else 3]:
@@ -770,15 +794,11 @@ class Run:
                     os.remove(self.path(name))
             self.written, self.saved_best, self.saved, self.saved_at = True, p["best_epoch"], k["epoch"], time.perf_counter()
 
-    def checkpoint(self, p):
-        """The run's last state, written at its end."""
-        if self.kept is None:  # a resumed run that had already stopped
-            self.keep(p)
-        self.save()
-
     def finish(self, p, model, evaluator):
-        """results.json and topk.tsv (each test user's top 20, best first), of the model at its best epoch (where
-        fit() has put it)."""
+        """The last epoch's checkpoint (kept before fit() put the model back at its best epoch); then results.json
+        and topk.tsv (each test user's top 20, best first) of the best epoch."""
+        if self.kept is not None:
+            self.save()
         hist = p.history
         results = {"best_epoch": p.best_epoch, "valid": p.best and p.best["valid"], "test": p.best and p.best["test"],
                    "epochs_run": p.epoch, "diverged": p.diverged is not None,
@@ -829,6 +849,7 @@ def same_run(folder, cfg, ds):
         return "its config.json is missing or unreadable"
     if saved.get("dataset_stats") != ds.summary():
         return f"made on other data: {saved.get('dataset_stats')}"
+    as_json = lambda v: json.loads(json.dumps(v))  # a tuple is a list there
     differ = [name for name in FIELDS if name not in HOW and as_json(value(theirs, name)) != as_json(value(cfg, name))]
     return f"{flag(differ[0])} {value(theirs, differ[0])}, not {value(cfg, differ[0])}" if differ else True
 
@@ -896,57 +917,28 @@ def load_checkpoint(path):
     return ckpt
 
 
-def first_line(e):
-    return str(e).strip().splitlines()[0] if str(e).strip() else ""
-
-
-def environment(device):
-    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-            "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
-            else platform.processor() or platform.machine(), "threads": torch.get_num_threads(), "command": sys.argv}
-
-
-def peak_memory_gib(device):
-    """Peak memory of this process so far: allocated on the GPU, or resident on the CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux reports KiB
-
-
-class FolderLock:
-    """An exclusive lock on a run folder (its file .lock), held while a run writes there. A folder that acquire()
-    made, and that nothing else was written to, is removed again on release()."""
-
-    def __init__(self, folder):
-        self.folder, self.fd, self.made = folder, None, False
-
-    @property
-    def held(self):
-        return self.fd is not None
-
-    def acquire(self):
-        self.made = not os.path.isdir(self.folder)
-        os.makedirs(self.folder, exist_ok=True)
-        fd = os.open(os.path.join(self.folder, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+@contextlib.contextmanager
+def locked(folder):
+    """An exclusive lock on a run folder (its file .lock), held while a train.py writes there; a folder made here
+    that holds nothing else when it ends is removed again."""
+    made, path = not os.path.isdir(folder), os.path.join(folder, ".lock")
+    os.makedirs(folder, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB) if fcntl else msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
         except OSError:
-            os.close(fd)
-            with open(os.path.join(self.folder, ".lock")) as f:
-                holder = f.read().strip() or "?"
-            raise UsageError(f"{self.folder}/ is in use by another train.py (pid {holder}): wait for it to end, "
-                             f"or give another --out") from None
+            with open(path) as f:
+                raise UsageError(f"{folder}/ is in use by another train.py (pid {f.read().strip() or '?'}): wait for it "
+                                 f"to end, or give another --out") from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
-        self.fd = fd
-
-    def release(self):
-        if self.fd is not None:
-            os.close(self.fd)  # closing the file releases the lock
-            self.fd = None
-            if self.made and os.listdir(self.folder) == [".lock"]:
-                os.remove(os.path.join(self.folder, ".lock"))
-                os.rmdir(self.folder)
+        yield
+    finally:
+        os.close(fd)  # closing the file releases the lock
+        if made and os.listdir(folder) == [".lock"]:
+            os.remove(path)
+            os.rmdir(folder)
 
 
 if os.name == "nt":
@@ -955,10 +947,12 @@ if os.name == "nt":
 else:
     import fcntl
 
+
 class Interrupts:
     """SIGINT (Ctrl-C) and SIGTERM stop the program with KeyboardInterrupt, but never in the middle of writing a file
     (held()): a signal that comes then takes effect once the file is written, and later ones are ignored while the
     run writes its last epoch and stops. main() installs it."""
+    holding, pending, signal = 0, False, None
 
     def install(self):
         self.holding, self.pending, self.signal = 0, False, None
@@ -967,10 +961,9 @@ class Interrupts:
 
     def handle(self, signum, frame):
         if self.signal is None:  # already stopping: a second Ctrl-C waits for the last files too
-            self.signal = signum
+            self.signal, self.pending = signum, bool(self.holding)
             if not self.holding:
                 raise KeyboardInterrupt
-            self.pending = True
 
     @contextlib.contextmanager
     def held(self):
@@ -985,7 +978,6 @@ class Interrupts:
 
 
 INTERRUPTS = Interrupts()
-INTERRUPTS.holding, INTERRUPTS.pending, INTERRUPTS.signal = 0, False, None
 
 
 def write_whole(path, content):
@@ -1015,8 +1007,21 @@ def read_json(path):
         return {}
 
 
-def as_json(v):
-    return json.loads(json.dumps(v))  # a tuple is a list there
+def first_line(e):
+    return str(e).strip().splitlines()[0] if str(e).strip() else ""
+
+
+def environment(device):
+    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+            "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
+            else platform.processor() or platform.machine(), "threads": torch.get_num_threads(), "command": sys.argv}
+
+
+def peak_memory_gib(device):
+    """Peak memory of this process so far: allocated on the GPU, or resident on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux reports KiB
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1064,6 +1069,9 @@ def eval_only(cfg, log):
     return metrics
 
 
+# ---------------------------------------------------------------------------------------------
+# Grids: --ablation and --grid
+
 ABLATIONS = [  # the ablation grid's points: (run folder prefix, what it is, settings)
     ("mi-cross", "SAND, --dist mi (CLUB fitted cross-modal, as released)", {"dist": "mi", "align": "solo", "club_fit": "cross"}),
     ("mi-intra", "SAND, --dist mi --club-fit intra (as the paper describes)", {"dist": "mi", "align": "solo", "club_fit": "intra"}),
@@ -1087,23 +1095,19 @@ def grid_points(specs):
                              f"results: {', '.join(settings)}")
         if name in axes:
             raise UsageError(f"--grid lists {name} twice: give all its values once, {name}=V1,V2,...")
-        axes[name] = [parse_setting(FIELDS[name], v) for v in values.split(",")]
-        twice = next((v for k, v in enumerate(axes[name]) if v in axes[name][:k]), None)
-        if twice is not None:
-            raise UsageError(f"--grid {spec}: {name} {twice} is listed twice; one point is one point")
+        f, axes[name] = FIELDS[name], []
+        for text in values.split(","):  # each value as its flag would read it
+            try:
+                v = {"true": True, "false": False}[text.lower()] if f.type is bool else f.type(text)
+            except (ValueError, KeyError):
+                raise UsageError(f"--grid {name}={text}: {text!r} is not a{'n' if f.type is int else ''} "
+                                 f"{f.type.__name__}") from None
+            if v not in f.metadata.get("choices", (v,)):
+                raise UsageError(f"--grid {name}={text}: choose from {', '.join(f.metadata['choices'])}")
+            if v in axes[name]:
+                raise UsageError(f"--grid {spec}: {name} {v} is listed twice; one point is one point")
+            axes[name].append(v)
     return [grid_point(dict(zip(axes, combo))) for combo in itertools.product(*axes.values())]
-
-
-def parse_setting(f, text):
-    """A value for field `f` from its text, as its flag would read it; a UsageError if it is not one."""
-    try:
-        v = {"true": True, "false": False}[text.lower()] if f.type is bool else f.type(text)
-    except (ValueError, KeyError):
-        raise UsageError(f"--grid {f.name}={text}: {text!r} is not a{'n' if f.type is int else ''} "
-                         f"{f.type.__name__}") from None
-    if v not in f.metadata.get("choices", (v,)):
-        raise UsageError(f"--grid {f.name}={text}: choose from {', '.join(f.metadata['choices'])}")
-    return v
 
 
 def grid_point(changes):
@@ -1111,14 +1115,7 @@ def grid_point(changes):
             changes)
 
 
-@dataclass
-class GridRun:
-    key: str  # the point's name: its run folder's prefix
-    label: str  # the point as flags
-    changes: dict  # the point's settings
-    seed: int
-    folder: str
-    cfg: RunConfig
+GridRun = collections.namedtuple("GridRun", "key label changes seed folder cfg")  # a point's name, flags, settings
 
 
 def grid_runs(cfg, points):
@@ -1169,12 +1166,12 @@ def grid_runs(cfg, points):
 
 def grid(cfg, log):
     """Runs every run of the grid (grid_runs), each in its own folder, then writes <kind>.csv (a row per run),
-    <kind>.md (per point, mean and sample std over its seeds) and <kind>.json (the chosen point), kind = ablation
-    or grid. The chosen point has the best mean valid Recall@20 among the points none of whose runs diverged (a
-    loss that was not finite); a tie goes to the point listed first. Its test metrics are what the grid reports:
-    nothing is chosen by test. Before anything runs, every run is checked against the data, and every run folder
-    that holds a run must hold one of its settings on this data; a finished one is read back, an interrupted one
-    resumed from its last.pt, so that a grid run again goes on where it stopped."""
+    <kind>.md (per point, mean and sample std over its seeds; on the built-in data, what the parts carry) and
+    <kind>.json (the chosen point), kind = ablation or grid. The chosen point has the best mean valid Recall@20
+    among the points none of whose runs diverged (a loss that was not finite); a tie goes to the point listed
+    first. Its test metrics are what the grid reports: nothing is chosen by test. Before anything runs, every run
+    is checked against the data, and every run folder that holds a run must hold one of its settings on this data;
+    a finished one is read back, an interrupted one resumed from its last.pt, so that a grid run again goes on."""
     kind = "grid" if cfg.train.grid else "ablation"
     out, runs, notes = grid_runs(cfg, grid_points(cfg.train.grid) if cfg.train.grid else ABLATIONS)
     device = resolve_device(cfg.train.device)
@@ -1193,10 +1190,8 @@ def grid(cfg, log):
     log(f"--{kind}: {len(index)} points x {cfg.train.seeds} seeds = {len(runs)} runs in {out}/")
     for note in notes:
         log(note)
-    lock = FolderLock(out)
-    lock.acquire()
-    try:
-        rows, diagnostics = [], {}
+    rows, diagnostics = [], {}
+    with locked(out):
         for r in runs:
             results = read_json(os.path.join(r.folder, "results.json")) or None  # a finished run is read back
             if results is None:  # not yet run, or interrupted: then it goes on from its last.pt
@@ -1209,17 +1204,10 @@ def grid(cfg, log):
                          **{f"{s}_{m}": results[s] and results[s][m] for s in ("valid", "test") for m in METRICS}})
             diagnostics.setdefault(r.key, []).append(results.get("diagnostic"))
         write_grid_tables(ds, device, kind, out, runs, index, rows, diagnostics, log)
-    finally:
-        lock.release()
     return rows
 
 
 def write_grid_tables(ds, device, kind, out, runs, index, rows, diagnostics, log):
-    """<kind>.csv, <kind>.md and <kind>.json (see grid()); with the built-in data's diagnostic, <kind>.md also
-    tabulates what the parts carry at initialisation -> at the best epoch, each figure the mean over the point's
-    seeds and the two modalities: R^2(part | group) of the generic factors, of the part's own modality's unique
-    ones and of the other modality's (a control: about 0); then linear CKA."""
-    write_whole(os.path.join(out, f"{kind}.csv"), csv_text(rows))
     columns = [f"{s}_{m}" for s in ("valid", "test") for m in METRICS]
     summary = []
     for point in {r.key: r for r in runs}.values():  # the first run of each point, in order
@@ -1229,7 +1217,8 @@ def write_grid_tables(ds, device, kind, out, runs, index, rows, diagnostics, log
                         "diverged": sum(row["diverged"] for row in mine), "runs": [r.folder for r in runs if r.key == point.key],
                         "mean": {c: float(np.mean([row[c] for row in done])) for c in columns} if done else None,
                         "std": {c: float(np.std([row[c] for row in done], ddof=1)) if len(done) > 1 else 0.0 for c in columns},
-                        "best_epoch": np.mean([row["best_epoch"] or 0 for row in mine])})
+                        "best_epoch": np.mean([row["best_epoch"] or 0 for row in mine]),
+                        "diagnostics": [d for d in diagnostics[point.key] if d]})
     chosen = max([p for p in summary if not p["diverged"] and p["mean"]], key=lambda p: p["mean"]["valid_recall@20"],
                  default=None)  # max keeps the first of ties
     seeds, popular = sorted({r.seed for r in runs}), most_popular(ds, device)
@@ -1244,34 +1233,8 @@ def write_grid_tables(ds, device, kind, out, runs, index, rows, diagnostics, log
         f"{popular[c.split('_')[0]][c.split('_')[1]]:.4f}" for c in columns) + " | |", "",
         f"Chosen by the best mean valid Recall@20: {chosen['label']}; its test metrics are the grid's result."
         if chosen else "No point finished without diverging: none is chosen."]
-    done = {p["label"]: [d for d in diagnostics.get(p["point"], []) if d] for p in summary}
-    done = {label: ds for label, ds in done.items() if ds}
-    other = dict(zip(MODALITIES, reversed(MODALITIES)))
-    groups = {"generic": lambda m: "generic", "own unique": lambda m: m, "other unique": lambda m: other[m]}
-    pairs = {"g_text ~ g_image": ["text g ~ image g"], "z_text ~ z_image": ["text z ~ image z"],
-             "a_m ~ b_m": [f"{m} a ~ {m} b" for m in MODALITIES], "g_m ~ u_m": [f"{m} g ~ {m} u" for m in MODALITIES]}
-
-    def cell(ds, values):  # values(a diagnostic) -> the figures to average (none: "-")
-        at = {when: [v for d in ds for v in values(d[when])] for when in ("init", "best")}
-        return f"{np.mean(at['init']):.2f} -> {np.mean(at['best']):.2f}" if at["best"] else "-"
-    if done:
-        lines += ["", "What the learned parts carry (train.py's diagnostic): R^2(part | planted factor group) on held-out "
-                  "items, at initialisation -> at the best epoch, mean over the seeds and both modalities.", "",
-                  "| point | part | " + " | ".join(groups) + " |", "|---" * (len(groups) + 2) + "|"]
-    for label, ds in done.items():
-        names = ds[0]["best"]["shares"]
-        for part in dict.fromkeys(name.split()[-1] for name in names):  # g, u, z, a, b (plain VBPR: features)
-            mods = [m for m in MODALITIES if f"{m} {part}" in names]
-            lines.append(f"| {label} | {part}_m | " + " | ".join(cell(ds, lambda d, g=g: [
-                d["shares"][f"{m} {part}"][g(m)] for m in mods]) for g in groups.values()) + " |" if mods else
-                f"| {label} | {part} | {cell(ds, lambda d: [d['shares'][part]['generic']])} | - | - |")
-    if done:
-        lines += ["", "Linear CKA on held-out items, at initialisation -> at the best epoch, mean over the seeds (and over "
-                  "both modalities for a_m ~ b_m and g_m ~ u_m).", "", "| point | " + " | ".join(pairs) + " |",
-                  "|---" * (len(pairs) + 1) + "|"]
-    for label, ds in done.items():
-        lines.append(f"| {label} | " + " | ".join(cell(ds, lambda d, keys=keys: [d["cka"][k] for k in keys if k in d["cka"]])
-                                                   for keys in pairs.values()) + " |")
+    lines += diagnostic_tables({p["label"]: p["diagnostics"] for p in summary if p["diagnostics"]})
+    write_whole(os.path.join(out, f"{kind}.csv"), csv_text(rows))
     write_whole(os.path.join(out, f"{kind}.md"), "\n".join(lines) + "\n")
     write_whole(os.path.join(out, f"{kind}.json"), json_text({
         "points": index,
@@ -1282,7 +1245,7 @@ def write_grid_tables(ds, device, kind, out, runs, index, rows, diagnostics, log
 
 
 # ---------------------------------------------------------------------------------------------
-# Progress and timing
+# Progress, timing, the command line
 
 class Status:
     """The command line's progress line: on a terminal (main() turns it on), one line rewritten in place and cleared
@@ -1327,9 +1290,6 @@ class Timer:
             torch.cuda.synchronize(self.device)
         self.total[name], self.last = self.total.get(name, 0.0) + time.perf_counter() - self.last, time.perf_counter()
 
-
-# ---------------------------------------------------------------------------------------------
-# Command line
 
 class Parser(argparse.ArgumentParser):
     def __init__(self, **kw):
