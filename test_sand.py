@@ -1113,6 +1113,146 @@ def test_vbpr_learns_beats_most_popular_and_the_diagnostic_reads_its_parts(tmp_p
 
 
 # ---------------------------------------------------------------------------------------------
+# The FREEDOM backbone (FREEDOM+SAND, and MMRec's FREEDOM itself)
+
+def freedom(**kw):
+    ds = tiny()
+    cfg = run_cfg(backbone="freedom", **kw)
+    return (ds, cfg, *train.build(cfg, ds, torch.device("cpu"), 0))
+
+
+def test_freedom_defaults_are_the_authors_log_and_mmrecs_configuration():
+    cfg = run_cfg(backbone="freedom")
+    assert (cfg.train.lr, cfg.sand.edge_dropout, cfg.sand.reg_weight, cfg.sand.knn_k, cfg.sand.image_weight,
+            cfg.sand.n_layers, cfg.sand.embed_dim, cfg.sand.head_dim, cfg.sand.align_dim, cfg.train.seed) == \
+        (1e-3, 0.8, 0.0, 10, 0.1, 2, 64, 33, 63, 999)
+    model = freedom()[2]
+    heads = sum(p.numel() for p in model.head.parameters())
+    assert heads == 2 * (32 * 33 + 33 + 2 * 33 + 33 * 33 + 33 + 2 * 33 + 33 * 63 + 63)  # the log's two ProjectHeads
+
+
+@pytest.mark.parametrize("kw", [dict(dist="none", align="none", reg_weight=1e-3), dict(reg_weight=1e-3),
+                                dict(dist="l2", align="complete"), dict(dist="mi", club_fit="intra", reg_weight=0.1)])
+def test_freedom_loss_gradients_and_scores_match_the_dense_formula_on_both_tiers(kw):
+    """MMRec's FREEDOM written out densely: LightGCN over the (pruned) user-item graph with the layers averaged, the
+    items' one hop on the kNN graph, BPR with natural logs, reg_weight times the features' BPR, then SAND's terms."""
+    ds, cfg, model, club, *_ = freedom(**kw)
+    model.new_epoch(torch.Generator().manual_seed(0))  # a pruned graph
+    s = cfg.sand
+    with torch.no_grad():
+        for p in club.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    user, pos = torch.from_numpy(ds.train[:300, 0]), torch.from_numpy(ds.train[:300, 1])
+    neg, perms = torch.randint(ds.n_items, (300,)), torch.stack([torch.randperm(ds.n_items) for _ in range(2)])
+
+    def dense(adj):
+        hs = [torch.cat([model.user, model.item])]
+        for _ in range(s.n_layers):
+            hs.append(adj.to_dense() @ hs[-1])
+        h = torch.stack(hs).mean(0)  # as MMRec: stack, then mean
+        return h[:ds.n_users], h[ds.n_users:] + model.item_item.to_dense() @ model.item
+    users, items = dense(model.train_adj)
+    bpr = lambda rows: -F.logsigmoid((users[user] * rows[pos]).sum(1) - (users[user] * rows[neg]).sum(1)).mean()
+    x = {m: model.feat[m] @ model.trs[m].weight.T + model.trs[m].bias for m in MODALITIES}
+    want = bpr(items) + s.reg_weight * (bpr(x["text"]) + bpr(x["image"]))
+    z = {m: F.normalize(model.head[m](x[m] if s.align == "complete" else x[m][:, :32]), dim=1)
+         for m in MODALITIES} if s.align != "none" else None
+    if z:
+        logits = z["text"] @ z["image"].T / s.tau
+        want = want + s.alpha * (torch.logsumexp(logits, 1) - logits.diagonal()).mean()
+    if s.dist == "mi":
+        want = want + s.ureg * sum(plain_club_bound(club, x[m][:, :32], x[m][:, 32:], p) for m, p in zip(("text", "image"), perms)) / 2
+    if s.dist == "l2":
+        want = want - s.w_l2 * sum(((x[m][:, :32] - x[m][:, 32:]) ** 2).mean() for m in MODALITIES) / 2
+    params = [p for p in model.parameters()]
+    g_want = torch.autograd.grad(want, params, allow_unused=True)
+    for model.fast in (False, True):
+        model.train()
+        loss = model.loss(user, pos, neg, club, perms)[0]
+        torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+        for (name, _), a, b in zip(model.named_parameters(), torch.autograd.grad(loss, params, allow_unused=True), g_want):
+            assert (a is None) == (b is None), name
+            if a is not None:
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6 * float(b.abs().max()) + 1e-9, msg=name)
+        model.eval()  # evaluation: the whole graph, not this epoch's pruned one
+        with torch.no_grad():
+            users_e, items_e, _ = model(parts=False)
+            want_u, want_i = dense(model.adj)
+            torch.testing.assert_close(model.score(users_e, items_e, torch.arange(ds.n_users)), want_u @ want_i.T,
+                                       rtol=1e-5, atol=1e-6)
+    assert sand.tier_mismatch(s, {"image": 48, "text": 24}) is None
+
+
+def test_freedom_prunes_its_graph_by_degree_anew_each_epoch_and_evaluates_on_the_whole_one():
+    ds, cfg, model, *_ = freedom(edge_dropout=0.7)
+    E, U, I = len(ds.train), ds.n_users, ds.n_items
+    assert torch.equal(model.train_adj.to_dense(), model.adj.to_dense())  # before any epoch: the whole graph
+    gen = torch.Generator().manual_seed(0)
+    graphs = []
+    for _ in range(2):
+        model.new_epoch(gen)
+        a = model.train_adj.to_dense()
+        graphs.append(a)
+        kept = a[:U, U:] > 0  # [U, I] the kept train edges
+        assert int(kept.sum()) == int(E * 0.3) and not (kept & ~torch.from_numpy(
+            np.isin(np.arange(U * I), ds.train[:, 0] * I + ds.train[:, 1]).reshape(U, I))).any()  # train edges only
+        deg_u, deg_i = kept.sum(1).double(), kept.sum(0).double()  # renormalised on the kept graph
+        want = kept / torch.sqrt(deg_u[:, None] * deg_i[None, :]).clamp_min(1e-12)
+        torch.testing.assert_close(a[:U, U:].double(), want * kept, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(a[U:, :U], a[:U, U:].T)  # symmetric
+    assert not torch.equal(graphs[0], graphs[1])  # a fresh draw each epoch
+    # degree-sensitive: an edge between two rarely seen nodes is kept more often than one between two busy nodes
+    w = sand.edge_values(torch.from_numpy(ds.train), U, I)
+    lo, hi = int(w.argmax()), int(w.argmin())
+    kept_count = {lo: 0, hi: 0}
+    for _ in range(200):
+        keep = torch.multinomial(w, int(E * 0.3), generator=gen)
+        for e in kept_count:
+            kept_count[e] += int((keep == e).any())
+    assert kept_count[lo] > kept_count[hi]
+    model.eval()  # evaluation uses the whole graph
+    with torch.no_grad():
+        hs = [torch.cat([model.user, model.item])]
+        for _ in range(2):
+            hs.append(model.adj.to_dense() @ hs[-1])
+        torch.testing.assert_close(model(parts=False)[0], torch.stack(hs).mean(0)[:U])
+    state = gen.get_state()  # --edge-dropout 0: the whole graph, and nothing drawn
+    model0 = freedom(edge_dropout=0.0)[2]
+    model0.new_epoch(gen)
+    assert torch.equal(gen.get_state(), state) and torch.equal(model0.train_adj.to_dense(), model0.adj.to_dense())
+
+
+def test_freedom_and_freedom_sand_at_reg_weight_0_give_the_same_scores(tmp_path):
+    # at reg_weight 0 the modality features reach no prediction: SAND's terms train them, and nothing else
+    base = tiny_run(tmp_path, backbone="freedom", epochs=3)
+    runs = {}
+    for name, kw in (("freedom", dict(dist="none", align="none")), ("sand mi", {}), ("sand l2", dict(dist="l2")),
+                     ("sand reg", dict(reg_weight=0.1))):
+        settings = {k: v for k, v in {**base, **kw}.items() if not (k == "club_steps" and kw.get("dist", "mi") != "mi")}
+        train.run(run_cfg(**settings, out=str(tmp_path / name)), log=quiet)
+        runs[name] = ([{k: v for k, v in r.items() if "recall" in k or "ndcg" in k} for r in rows_of(tmp_path / name / "metrics.csv")],
+                      (tmp_path / name / "topk.tsv").read_text(), torch.load(tmp_path / name / "best.pt", weights_only=True)["model"])
+    for name in ("sand mi", "sand l2"):
+        assert runs[name][:2] == runs["freedom"][:2], name  # every epoch's metrics, the top 20 of every test user
+        assert all(torch.equal(runs[name][2][k], runs["freedom"][2][k]) for k in ("user", "item"))
+    assert runs["sand reg"][0] != runs["freedom"][0]  # the control: at reg_weight 0.1 SAND's terms do reach the scores
+
+
+def test_freedom_learns_and_its_ablation_and_diagnostic_read_its_parts(tmp_path):
+    ds = tiny()
+    popular = train.most_popular(ds, torch.device("cpu"))["test"]["recall@20"]
+    results = train.fit(run_cfg(backbone="freedom", epochs=25, batch_size=512, club_steps=5, reg_weight=0.01), ds,
+                        torch.device("cpu"), str(tmp_path / "run"), log=quiet)[0]
+    assert results["valid"]["recall@20"] > 1.2 * float(rows_of(tmp_path / "run" / "metrics.csv")[0]["valid_recall@20"])
+    assert results["test"]["recall@20"] > 1.05 * popular
+    shares = results["diagnostic"]["best"]["shares"]
+    assert set(shares) == {f"{m} {p}" for m in MODALITIES for p in ("g", "u", "z")}
+    _, runs, _ = train.grid_runs(run_cfg(backbone="freedom", ablation=True, seeds=1, reg_weight=0.01), train.ABLATIONS)
+    assert [(r.cfg.sand.dist, r.cfg.sand.align) for r in runs] == [(c["dist"], c["align"]) for _, _, c in train.ABLATIONS]
+    assert all(r.cfg.sand.reg_weight == 0.01 and r.cfg.train.lr == 1e-3 for r in runs)
+
+
+# ---------------------------------------------------------------------------------------------
 # Runs end to end
 
 def quick_fit(tmp_path, epochs=3, **kw):
@@ -1557,8 +1697,9 @@ def interrupt_at(monkeypatch, epoch):
 
 
 @pytest.mark.parametrize("backbone, extra", [("dragon", {}), ("vbpr", {}), ("vbpr", {"eval_dropout": True}),
+                                             ("freedom", {}), ("freedom", {"dist": "l2", "reg_weight": 0.1}),
                                              ("dragon", {"resume_as": "last.pt"})])
-def test_a_resumed_run_equals_an_uninterrupted_one_on_both_backbones(tmp_path, monkeypatch, backbone, extra):
+def test_a_resumed_run_equals_an_uninterrupted_one_on_every_backbone(tmp_path, monkeypatch, backbone, extra):
     # VBPR+SAND draws its dropout (0.01) from torch's global generator, which the checkpoint saves with the rest
     resume_as = extra.pop("resume_as", "")
     base = tiny_run(tmp_path, backbone=backbone, epochs=4, **extra)
