@@ -199,6 +199,15 @@ def from_interactions(name, user, item, label, image, text, n_users=None, n_item
         if len(parts[s]) == 0:
             raise DataError(f"dataset '{name}': no user of the {s} split has a train interaction, so none "
                             f"can be evaluated")
+    keys = {s: parts[s][:, 0] * n_items + parts[s][:, 1] for s in SPLITS}
+    for s, other, what in (("train", "train", "repeat a (user, item) pair of the train split: each counts as another "
+                                            "edge of the graph (MMRec's files have none)"),
+                           ("valid", "train", "are also train pairs: masked when ranking, so never a hit"),
+                           ("test", "train", "are also train pairs: masked when ranking, so never a hit"),
+                           ("test", "valid", "are also valid pairs")):
+        n = len(keys[s]) - len(np.unique(keys[s])) if s == other else int(np.isin(keys[s], keys[other]).sum())
+        if n:
+            notes.append(f"{s}: {n} pairs {what}")
     for m, feat in (("image", image), ("text", text)):
         zero = np.flatnonzero(~feat.any(axis=1))
         if len(zero):

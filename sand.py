@@ -26,6 +26,7 @@ Read it top to bottom:
      never silently ignored.
 """
 import copy
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -86,8 +87,9 @@ class SANDConfig:
     dropout: float = option(0.0, "dropout on the user and item embeddings in training (the authors' VBPR+SAND uses "
                             "0.01, MMRec's plain VBPR none)", min=0, below=1, vbpr=0.01, plain_vbpr=0.0)
     eval_dropout: bool = option(False, "apply --dropout at evaluation too, a new mask at every evaluation, as the authors' "
-                                "VBPR+SAND does (a noisy valid score, which prolongs early stopping); drawn from "
-                                "torch's generator, seeded by --seed and saved in checkpoints")
+                                "VBPR+SAND does (a noisy valid score, which prolongs early stopping; topk.tsv and "
+                                "--eval-only draw masks of their own); drawn from torch's generator, seeded by --seed "
+                                "and saved in checkpoints")
     edge_dropout: float = option(0.8, "share of the train edges that FREEDOM drops anew every epoch, by degree (MMRec's "
                                  "`dropout`); evaluation uses the whole graph", min=0, below=1)
 
@@ -204,19 +206,38 @@ def to_csr(a):
 # ---------------------------------------------------------------------------------------------
 # 3. Losses: each one standalone, to lift into another model
 
+def check_inputs(who, *tensors):
+    """Every piece's inputs: floating-point tensors of one dtype and device, none of them empty."""
+    if not all(torch.is_tensor(t) and t.is_floating_point() for t in tensors):
+        raise ValueError(f"{who}: the inputs must be floating-point tensors (got "
+                         f"{', '.join(str(t.dtype) if torch.is_tensor(t) else type(t).__name__ for t in tensors)})")
+    if len({(t.dtype, t.device) for t in tensors}) > 1:
+        raise ValueError(f"{who}: the inputs must share one dtype and device (got "
+                         f"{', '.join(f'{t.dtype} on {t.device}' for t in tensors)})")
+    if any(t.numel() == 0 for t in tensors):
+        raise ValueError(f"{who}: an input is empty (shapes {', '.join(str(list(t.shape)) for t in tensors)})")
+
+
 def bpr_loss(pos, neg, base=2):
     """BPR, -mean log sigmoid(s(u, i+) - s(u, i-)), [B], [B] -> scalar; log base 2 (the default) as the released
     SAND, base e as MMRec's BPRLoss (its VBPR) and FREEDOM. The authors' VBPR+SAND writes -log(1e-10 + sigmoid(x)):
     the same in float32 above a margin x of about -6, larger below (badly ranked pairs)."""
+    check_inputs("bpr_loss", pos, neg)
     if pos.ndim != 1 or pos.shape != neg.shape:
         raise ValueError(f"bpr_loss: pos and neg must both be [B], one score per triple (got {list(pos.shape)} and "
                          f"{list(neg.shape)}); squeeze a [B, 1] scorer's output")
+    if not (isinstance(base, (int, float)) and not isinstance(base, bool) and base > 0 and base != 1):
+        raise ValueError(f"bpr_loss: base must be a number above 0 other than 1 (got {base!r}): 2 or math.e")
     return -F.logsigmoid(pos - neg).mean() / math.log(base)
 
 
 def emb_loss(*rows):
     """MMRec's EmbLoss, VBPR's regulariser: the sum of the L2 (Frobenius) norms, not squared, of the
     batch's embedding rows [B, D] each, over the batch size B."""
+    check_inputs("emb_loss", *rows)
+    if not rows or any(r.ndim != 2 or len(r) != len(rows[0]) for r in rows):
+        raise ValueError(f"emb_loss: give the batch's rows, [B, D] each with one B (got shapes "
+                         f"{', '.join(str(list(r.shape)) for r in rows) or 'none'})")
     return sum(r.norm() for r in rows) / rows[-1].shape[0]
 
 
@@ -234,12 +255,14 @@ def solo_sim_loss(anchor, other, tau):
 
 def check_views(who, anchor, other, tau):
     """SoloSimLoss scores anchor i against other i: both must hold the same N > 0 items, in the same order."""
-    if anchor.ndim != 2 or anchor.shape != other.shape or len(anchor) == 0:
-        raise ValueError(f"{who}: anchor and other must both be [N, D] with N > 0, row i of each the same item (got "
+    check_inputs(who, anchor, other)
+    if anchor.ndim != 2 or anchor.shape != other.shape:
+        raise ValueError(f"{who}: anchor and other must both be [N, D], row i of each the same item (got "
                          f"{list(anchor.shape)} and {list(other.shape)}); for a batch of B items, index both views "
                          f"with the batch's item ids")
-    if torch.is_tensor(tau) and tau.numel() != 1:
-        raise ValueError(f"{who}: tau must be one number (got a tensor of shape {list(tau.shape)})")
+    if not (torch.is_tensor(tau) and tau.is_floating_point() and tau.numel() == 1 or
+            isinstance(tau, (int, float)) and not isinstance(tau, bool)):
+        raise ValueError(f"{who}: tau must be one number above 0, or a one-element floating-point tensor (got {tau!r})")
     if torch.is_tensor(tau) and tau.is_cuda and torch.cuda.is_current_stream_capturing():
         return  # reading the value would synchronise; it was checked when the step ran before capture
     value = tau.detach().item() if torch.is_tensor(tau) else tau
@@ -255,11 +278,18 @@ def neg_l2(a, b):
     return -F.mse_loss(a, b)
 
 
-def check_pairs(who, x, y, same_width=False):
-    """Pairs x [..., N, D_x], y [..., N, D_y], row k of each the same item, N > 0."""
-    if x.ndim < 2 or x.shape[:-1] != y.shape[:-1] or x.shape[-2] == 0 or (same_width and x.shape != y.shape):
+def check_pairs(who, x, y, same_width=False, club=None):
+    """Pairs x [..., N, D_x], y [..., N, D_y], row k of each the same item, N > 0; with `club`, of its widths."""
+    check_inputs(who, x, y)
+    if x.ndim < 2 or x.shape[:-1] != y.shape[:-1] or (same_width and x.shape != y.shape):
         raise ValueError(f"{who}: x and y must both be [..., N, D] with N > 0, row k of each the same item (got "
                          f"{list(x.shape)} and {list(y.shape)})")
+    for net in (club.mu, club.logvar) if club is not None else ():  # its widths, where its Linear layers say them
+        linears = [layer for layer in net.modules() if isinstance(layer, nn.Linear)
+                   and not isinstance(layer.weight, nn.parameter.UninitializedParameter)]  # a LazyLinear: not yet
+        if linears and (linears[0].in_features, linears[-1].out_features) != (x.shape[-1], y.shape[-1]):
+            raise ValueError(f"{who}: the pairs are {x.shape[-1]} and {y.shape[-1]} wide, the estimator reads "
+                             f"{linears[0].in_features} and gives {linears[-1].out_features}")
 
 
 class CLUB(nn.Module):
@@ -289,12 +319,7 @@ class CLUB(nn.Module):
         dimension holds independent sets (SAND: one per modality): one bound per set, so take .mean() (or a
         weighted sum) for a loss. perm holds positions 0..N-1 within each set (a random permutation:
         torch.randperm(N)), not item ids."""
-        check_pairs("CLUB", x, y)
-        for net in (self.mu, self.logvar):  # the estimator's own widths, where its Linear layers say them
-            linears = [layer for layer in net.modules() if isinstance(layer, nn.Linear)]
-            if linears and (linears[0].in_features, linears[-1].out_features) != (x.shape[-1], y.shape[-1]):
-                raise ValueError(f"CLUB: the pairs are {x.shape[-1]} and {y.shape[-1]} wide, the estimator reads "
-                                 f"{linears[0].in_features} and gives {linears[-1].out_features}")
+        check_pairs("CLUB", x, y, club=self)
         if perm.shape != x.shape[:-1] or perm.dtype != torch.long:
             raise ValueError(f"CLUB: perm must be int64 of shape {list(x.shape[:-1])}, one position per pair "
                              f"(got {perm.dtype} {list(perm.shape)})")
@@ -303,11 +328,11 @@ class CLUB(nn.Module):
             if not 0 <= lo <= hi < x.shape[-2]:
                 raise ValueError(f"CLUB: perm holds {lo}..{hi}, but it must hold positions 0..{x.shape[-2] - 1} "
                                  f"within the {x.shape[-2]} pairs (not item ids)")
-        # q's networks run on copies of its weights taken now (functional_call puts them in place of the
-        # parameters): detached, so no gradient reaches q; copied (they are tiny), so that fitting q before this
-        # bound's backward, by any optimizer, cannot change what the backward reads
-        run = lambda net: torch.func.functional_call(net, {k: p.detach().clone() for k, p in net.named_parameters()},
-                                                     (x,))
+        # q's networks run on copies of its weights taken now, in the pairs' dtype (functional_call puts them in
+        # place of the parameters): detached, so no gradient reaches q; copied (they are tiny), so that fitting q
+        # before this bound's backward, by any optimizer, cannot change what the backward reads
+        run = lambda net: torch.func.functional_call(
+            net, {k: p.detach().to(x.dtype, copy=True) for k, p in net.named_parameters()}, (x,))
         mu, logvar = run(self.mu), run(self.logvar)  # [..., N, y_dim] each
         y_perm = y.gather(-2, perm[..., None].expand(y.shape))  # [..., N, y_dim]: row k holds y_pi(k)
         gap = self.log_q(mu, logvar, y) - self.log_q(mu, logvar, y_perm)  # [..., N]
@@ -321,11 +346,15 @@ class CLUB(nn.Module):
 
 
 def check_estimator_optimizer(club, optimizer):
-    """fit_club steps `optimizer`: it must hold the estimator's parameters and nothing else."""
-    own = {id(p) for p in club.parameters()}
-    if any(id(p) not in own for group in optimizer.param_groups for p in group["params"]):
+    """fit_club steps `optimizer`: it must hold the estimator's trainable parameters (some of them) and nothing
+    else, and take a step without a closure."""
+    own, held = {id(p) for p in club.parameters()}, [p for group in optimizer.param_groups for p in group["params"]]
+    if any(id(p) not in own for p in held):
         raise ValueError("fit_club: the optimizer holds parameters that are not the estimator's, which its "
                          "steps would move; give the estimator its own, e.g. torch.optim.Adam(club.parameters())")
+    if not any(p.requires_grad for p in held) or isinstance(optimizer, torch.optim.LBFGS):
+        raise ValueError("fit_club: the optimizer must hold trainable estimator parameters and step without a closure "
+                         "(not LBFGS), e.g. torch.optim.Adam(club.parameters())")
 
 
 def fit_club(club, optimizer, x, y, steps):
@@ -337,8 +366,8 @@ def fit_club(club, optimizer, x, y, steps):
     the Gaussian's constant. Every estimator gradient is None afterwards, so that no other optimizer holding
     them (a model's, with the CLUB as its submodule) moves it."""
     check_estimator_optimizer(club, optimizer)
-    check_pairs("fit_club", x, y)
-    if not isinstance(steps, int) or steps < 0:
+    check_pairs("fit_club", x, y, club=club)
+    if not hasattr(steps, "__index__") or isinstance(steps, bool) or steps < 0:
         raise ValueError(f"fit_club: steps must be a whole number, 0 or more (got {steps!r})")
     dtype = next(club.parameters()).dtype
     with torch.inference_mode(False), torch.enable_grad(), torch.autocast(x.device.type, enabled=False):
@@ -815,14 +844,17 @@ def _fit_club_fast(club, optimizer, x, y, steps):
     return (r * re + logvar).sum() / (2 * n)  # the last step's nll (before its update)
 
 
-def tier_mismatch(cfg, widths, n_users=30, n_items=40):
-    """Does each fast path compute what the plain piece it replaces computes, as they stand now? On a small random
-    instance of configuration `cfg` (the feature widths {modality: d_m}, n_users users, n_items items), in float64:
-    the pieces that this configuration runs, each plain against fast on the same inputs (outputs and every
-    gradient; three estimator steps), then the model's whole loss and every gradient with either tier. -> None if
-    all agree to within float64 rounding, else one line that names the first piece that differs. train.py runs it
-    before it trains on the fast tier, so that an edit to a plain piece never goes silently unused; the tests run
-    it on every variant."""
+def tier_mismatch(cfg, widths, run_items=40, n_users=30, n_items=40):
+    """Does each fast path compute what the plain piece it replaces computes, as they stand now? In float64, on a
+    random instance of configuration `cfg`: the pieces that it runs, each plain against fast on the same inputs
+    (outputs and every gradient): the estimator's fit (its --club-steps steps, on as many pairs as the run's
+    `run_items` items give), SoloSimLoss (on up to 2,048 items) and the propagation (--n-layers hops); then, on a
+    model of the run's feature widths {modality: d_m} with n_users users and n_items items, the whole loss and every
+    gradient, and the scores at evaluation, with either tier. -> None if all agree to within float64 rounding, else
+    one line that names the first piece that differs. An edit that acts only on more items than these is not seen.
+    train.py runs it before it trains on the fast tier, so that an edit to a plain piece never goes silently unused;
+    the tests run it on every variant."""
+    cfg = dataclasses.replace(cfg, knn_k=min(cfg.knn_k, n_items))  # the graphs are built alike in either tier
     with torch.random.fork_rng(devices=[]):  # torch's global generator is left as it was
         torch.manual_seed(0)
         features = {m: torch.randn(n_items, widths[m], dtype=torch.float64) for m in MODALITIES}
@@ -834,10 +866,11 @@ def tier_mismatch(cfg, widths, n_users=30, n_items=40):
                 p.add_(0.3 * torch.randn_like(p))
         user, pos, neg = train[:, 0], train[:, 1], torch.randint(n_items, (len(train),))
         perms = torch.stack([torch.randperm(n_items) for _ in MODALITIES])  # [2, I]
-        params = [p for p in model.parameters()]
+        params, state = [p for p in model.parameters()], copy.deepcopy(model.state_dict())
         h0 = torch.randn(n_users + n_items, 8, dtype=torch.float64, requires_grad=True)
-        views = [F.normalize(torch.randn(n_items, 8, dtype=torch.float64), dim=1).requires_grad_() for _ in range(2)]
-        pairs = [torch.randn(2, n_items, club.mu[0].in_features, dtype=torch.float64) for _ in range(2)]
+        views = [F.normalize(torch.randn(min(run_items, 2048), 8, dtype=torch.float64), dim=1).requires_grad_()
+                 for _ in range(2)]
+        pairs = [torch.randn(2, run_items, club.mu[0].in_features, dtype=torch.float64) for _ in range(2)]
         pairs[1] = pairs[1] + pairs[0]  # dependent, so that the fit moves
 
         def grads(out, inputs):  # the outputs, and the gradients of a fixed random mix of them
@@ -847,32 +880,38 @@ def tier_mismatch(cfg, widths, n_users=30, n_items=40):
 
         def fit(f):
             q = copy.deepcopy(club)
-            nll = f(q, torch.optim.Adam(q.parameters(), lr=1e-2), *pairs, 3)
+            nll = f(q, torch.optim.Adam(q.parameters(), lr=1e-2), *pairs, cfg.club_steps)
             return [nll] + [p.detach() for p in q.parameters()]
 
         def whole(fast):
             model.fast = fast
+            model.load_state_dict(state)  # the same BatchNorm statistics, which a training forward moves
             torch.manual_seed(1)  # the same dropout masks (VBPR) in either tier
+            model.train()
             loss, terms, _ = model.loss(user, pos, neg, club, perms)
-            return grads([loss, *terms.values()], params)
+            out = grads([loss, *terms.values()], params)
+            model.eval()
+            with torch.no_grad():
+                out.append(model.score(*model(parts=False)[:2], torch.arange(n_users)))  # evaluation's scores
+            return out
 
         def modality(fast):
             out = [_composed_modality(model, m, True) if fast else model.modality(m, True) for m in MODALITIES]
             return grads([t for item, aux in out for t in (item, *aux.values())], params)
         checks = []  # (plain piece, its fast path, the outputs of either), in the order the model runs them
         if cfg.backbone != "vbpr":
-            checks.append(("lightgcn", "_lightgcn_fast",
-                           lambda fast: grads([(_lightgcn_fast if fast else lightgcn)(model.adj, h0, 2)], [h0])))
+            checks.append(("lightgcn", "its fast path _lightgcn_fast", lambda fast: grads(
+                [(_lightgcn_fast if fast else lightgcn)(model.adj, h0, cfg.n_layers)], [h0])))
         if cfg.align != "none":
-            checks.append(("solo_sim_loss", "_solo_sim_loss_fast",
+            checks.append(("solo_sim_loss", "its fast path _solo_sim_loss_fast",
                            lambda fast: grads([(_solo_sim_loss_fast if fast else solo_sim_loss)(*views, cfg.tau)], views)))
         if cfg.dist == "mi":
-            checks.append(("fit_club", "_fit_club_fast", lambda fast: fit(_fit_club_fast if fast else fit_club)))
-        checks.append((f"{type(model).__name__}.loss", "its fast tier", whole))  # and how the model uses them
+            checks.append(("fit_club", "its fast path _fit_club_fast", lambda fast: fit(_fit_club_fast if fast else fit_club)))
+        checks.append((f"{type(model).__name__} (its loss, gradients and scores)", "its fast tier", whole))
         for plain, fast, run in checks:
             why = _differ(plain, fast, run)
             if why and cfg.backbone == "dragon" and run is whole:  # name the piece if it is the feature transform's
-                why = _differ("SAND.modality", "_composed_modality", modality) or why
+                why = _differ("SAND.modality", "its fast path _composed_modality", modality) or why
             if why:
                 return why
     return None
@@ -885,16 +924,16 @@ def _differ(plain, fast, run):
         try:
             out.append(run(tier))
         except Exception as e:
-            return (f"sand.py's {name} fails on a small random instance of this configuration ({type(e).__name__}: "
-                    f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}): fix it"
-                    + (", or run train.py with --plain" if tier else ""))
+            return (f"sand.py's {name.split()[-1] if tier else name.split()[0]} fails on a random instance of this "
+                    f"configuration ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}): "
+                    f"fix it" + (", or run train.py with --plain" if tier else ""))
     out = [[t if t is None else t.detach() for t in ts] for ts in out]
     scale = max([float(b.abs().max()) for b in out[0] if b is not None and b.numel()] + [1e-300])
     for a, b in zip(*out):
         if (a is None) != (b is None) or (a is not None and (a.shape != b.shape or
                                                              float((a - b).abs().max()) > 1e-9 * scale)):
             off = "" if a is None or b is None or a.shape != b.shape else f" by {float((a - b).abs().max()) / scale:.1e} of its scale"
-            return (f"sand.py's {plain} and its fast path {fast} no longer compute the same on a small random instance "
-                    f"of this configuration (an output or gradient differs{off}): run train.py with --plain, or bring "
-                    f"{fast} in line with {plain}")
+            return (f"sand.py's {plain} and {fast} no longer compute the same on a random instance of this "
+                    f"configuration (an output or gradient differs{off}): run train.py with --plain, or bring "
+                    f"{fast.split()[-1]} in line with {plain.split()[0]}")
     return None

@@ -195,6 +195,18 @@ def test_ids_written_with_leading_zeros_read_as_the_numbers_they_are(tmp_path):
     assert ds.train.tolist() == [[u, i] for u in range(4) for i in (u, u + 1)]
 
 
+def test_pairs_repeated_or_shared_between_splits_are_said_in_notes(tmp_path):
+    rows = [(u, i, lab) for u in range(4) for i, lab in ((u, 0), (u + 1, 0), (u + 2, 1), (u + 3, 2))]
+    rows += [(0, 0, 0), (1, 1, 2), (2, 4, 2)]  # a repeated train pair; a test pair that is a train pair, one a valid pair
+    inter = HEADER + "".join(f"{u}\t{i}\t5\t1\t{x}\n" for u, i, x in rows)
+    ds = data.load_mmrec(write_folder(tmp_path, inter=inter), "toy")
+    assert ds.notes == ["train: 1 pairs repeat a (user, item) pair of the train split: each counts as another edge of "
+                        "the graph (MMRec's files have none)",
+                        "test: 1 pairs are also train pairs: masked when ranking, so never a hit",
+                        "test: 1 pairs are also valid pairs"]
+    assert not tiny().notes  # the built-in data has none of these
+
+
 def test_features_of_extreme_size_are_said_in_a_note_before_training(tmp_path):
     image = np.ones((7, 6))
     image[2] = 3e19  # finite, but training on it overflows
@@ -1966,6 +1978,14 @@ def test_a_grid_run_again_on_changed_data_is_refused_before_anything_runs(tmp_pa
     assert files_of(tmp_path / "grid") == before
 
 
+def test_a_grid_runs_a_point_again_whose_results_json_is_not_one(tmp_path):
+    base = tiny_run(tmp_path, epochs=1, seeds=1, out=str(tmp_path / "grid"), grid=("alpha=0.012,0.1",))
+    rows = train.run(run_cfg(**base), log=quiet)
+    (tmp_path / "grid" / "alpha=0.1-seed999" / "results.json").write_text('{"foo": 1}')  # edited, or half a file
+    assert train.run(run_cfg(**base), log=quiet) == rows  # resumed from its last.pt, which had already stopped
+    assert json.loads((tmp_path / "grid" / "alpha=0.1-seed999" / "results.json").read_text())["best_epoch"] == 1
+
+
 def test_a_second_grid_in_the_same_folder_does_not_replace_the_firsts_tables(tmp_path):
     base = tiny_run(tmp_path, epochs=1, seeds=1, out=str(tmp_path / "grid"))
     train.run(run_cfg(**base, grid=("alpha=0.1,0.2",)), log=quiet)
@@ -1973,6 +1993,14 @@ def test_a_second_grid_in_the_same_folder_does_not_replace_the_firsts_tables(tmp
     with pytest.raises(train.UsageError, match=r"grid/ holds the tables of another grid \(alpha=0.1, alpha=0.2\)"):
         train.run(run_cfg(**base, grid=("alpha=0.3,0.4",)), log=quiet)
     assert files_of(tmp_path / "grid") == before
+
+
+def test_folders_that_a_refused_or_interrupted_run_made_are_removed_again(tmp_path, monkeypatch):
+    base = tiny_run(tmp_path, epochs=1, out=str(tmp_path / "new" / "a" / "b"))
+    interrupt_at(monkeypatch, 1)
+    with pytest.raises(KeyboardInterrupt):
+        train.run(run_cfg(**base), log=quiet)
+    assert not (tmp_path / "new").exists()
 
 
 def test_folder_names_too_long_for_the_file_system_are_refused_before_anything_runs(tmp_path):
@@ -2000,6 +2028,12 @@ def test_a_file_that_is_not_a_checkpoint_is_refused(tmp_path, monkeypatch, capsy
     one_line_error(["--eval-only", tmp_path / "u.pt"], tmp_path, monkeypatch, capsys,
                    "a saved configuration that this train.py cannot read (make_config: no setting lamda)")
     last = torch.load(out / "last.pt", weights_only=True)
+    for key, bad in (("given", 5), ("epoch", None), ("epoch", "3"), ("model", None)):  # edited by hand
+        torch.save({**last, key: bad}, tmp_path / "edited.pt")
+        for mode in ("--resume", "--eval-only"):
+            one_line_error([mode, tmp_path / "edited.pt"], tmp_path, monkeypatch, capsys, "is not a checkpoint written by")
+    torch.save({**ckpt, "model": {k: v * math.nan if v.is_floating_point() else v for k, v in ckpt["model"].items()}}, tmp_path / "n.pt")
+    one_line_error(["--eval-only", tmp_path / "n.pt"], tmp_path, monkeypatch, capsys, "holds weights that are not finite")
     torch.save({**last, "opt": {"state": {}, "param_groups": []}}, out / "last.pt")
     one_line_error(["--resume", out], tmp_path, monkeypatch, capsys, "the checkpoint does not fit this run's model")
 
@@ -2035,11 +2069,14 @@ def test_the_memory_a_run_needs_is_estimated_before_it_is_built(tmp_path, monkey
     monkeypatch.setattr(data, "memory_available", lambda: 2 ** 30)
     read = []
     monkeypatch.setattr(data, "read_features", lambda *a: read.append(a))  # the features are never read
-    cfg = run_cfg(dataset="wide", data_dir=str(tmp_path / "data"), knn_k=3, out=str(tmp_path / "run"))
-    with pytest.raises(train.UsageError, match=r"this run needs at least 6\.1 GiB \(406,\d{3},\d{3} parameters.*the "
-                                               r"largest, transform\.image\.weight, is 20000 x 20000; the CLUB estimator's "
-                                               r"activations, 2 x 40 pairs through --club-hidden 8\), more than the 1\.0 GiB"):
-        train.run(cfg, log=quiet)
+    for plain, expect in ((True, r"this run needs at least 6\.1 GiB \(406,\d{3},\d{3} parameters.*the largest, "
+                                 r"transform\.image\.weight, is 20000 x 20000; the CLUB estimator's activations, 2 x 40 "
+                                 r"pairs through --club-hidden 8\), more than the 1\.0 GiB"),
+                          (False, r"this run needs at least 12\.1 GiB \(the check of the fast paths: 406,\d{3},\d{3} "
+                                  r"parameters in float64, with gradients\)")):  # the fast tier's check comes first
+        cfg = run_cfg(dataset="wide", data_dir=str(tmp_path / "data"), knn_k=3, out=str(tmp_path / "run"), plain=plain)
+        with pytest.raises(train.UsageError, match=expect):
+            train.run(cfg, log=quiet)
     assert not (tmp_path / "run").exists() and read == []
     # the estimate counts the real model's parameters, the estimator's among them
     ds = tiny()
@@ -2048,8 +2085,10 @@ def test_the_memory_a_run_needs_is_estimated_before_it_is_built(tmp_path, monkey
         model, club = train.build(c, ds, torch.device("cpu"), 0)[:2]
         n = sum(p.numel() for p in model.parameters()) + sum(p.numel() for p in club.parameters())
         estimator = 4 * 4 * 2 * ds.n_items * 2 * c.sand.club_hidden if c.sand.dist == "mi" else 0  # its activations
+        check = sum(p.numel() for p in sand.build_model(c.sand, 30, {m: torch.ones(40, d) for m, d in
+                                                                     (("image", 48), ("text", 24))})[0].parameters())
         assert train.memory_needed(c, ds.n_users, ds.n_items, {"image": 48, "text": 24})[0] == \
-            16 * n + 4 * ds.n_items * (48 + 24) + estimator
+            max(16 * n + 4 * ds.n_items * (48 + 24) + estimator, 32 * check)  # the run, or the check before it
 
 
 def test_a_feature_file_larger_than_memory_is_refused_from_its_header(tmp_path, monkeypatch):
@@ -2071,11 +2110,12 @@ def views(n, d=6, seed=0, dtype=torch.float64):
 
 def test_solo_sim_loss_refuses_anchors_of_other_items_and_takes_a_tensor_temperature(loss=solo_sim_loss):
     t, v = views(40)
-    with pytest.raises(ValueError, match=re.escape(f"{loss.__name__}: anchor and other must both be [N, D] with N > 0, "
+    with pytest.raises(ValueError, match=re.escape(f"{loss.__name__}: anchor and other must both be [N, D], "
                                                    "row i of each the same item (got [8, 6] and [40, 6])")):
         loss(t[:8], v, 0.2)  # a batch of anchors against all items: anchor k would be scored against item k
-    with pytest.raises(ValueError, match="tau must be one number"):
-        loss(t, v, torch.tensor([0.2, 0.3]))
+    for tau in (torch.tensor([0.2, 0.3]), np.array([0.2, 0.3]), None):
+        with pytest.raises(ValueError, match="tau must be one number above 0, or a one-element floating-point tensor"):
+            loss(t, v, tau)
     t32, v32 = (x.float() for x in (t, v))
     for tau in (torch.tensor([0.2], dtype=torch.float64), torch.tensor(0.2, dtype=torch.float64), torch.tensor([[0.2]])):
         torch.testing.assert_close(loss(t32, v32, tau).double(), solo_sim_loss(t, v, 0.2), rtol=1e-5, atol=1e-6)
@@ -2091,18 +2131,37 @@ def test_the_pieces_say_what_is_wrong_with_their_inputs():
     cases = [  # (call, the start of its one-line message)
         (lambda: club(x, x[:, :20], perm), "CLUB: x and y must both be [..., N, D] with N > 0, row k of each the same "
                                            "item (got [2, 30, 6] and [2, 20, 6])"),
+        (lambda: club(x.double(), x, perm), "CLUB: the inputs must share one dtype and device (got torch.float64 on cpu, "
+                                            "torch.float32 on cpu)"),
+        (lambda: fit_club(club, torch.optim.Adam(club.parameters()), x, x[..., :5], 2), "fit_club: the pairs are 6 and 5 "
+                                                                                       "wide, the estimator reads 6"),
+        (lambda: fit_club(club, torch.optim.Adam([nn.Parameter(torch.zeros(1))]), x, x, 2), "fit_club: the optimizer "
+                                                                                            "holds parameters that"),
+        (lambda: fit_club(club, torch.optim.SGD(club.parameters(), lr=0.1), x, x, True), "fit_club: steps must be a whole"),
+        (lambda: fit_club(club, torch.optim.LBFGS(club.parameters()), x, x, 2), "fit_club: the optimizer must hold "
+                                                                               "trainable estimator parameters and step "
+                                                                               "without a closure"),
+        (lambda: bpr_loss(torch.tensor([]), torch.tensor([])), "bpr_loss: an input is empty"),
+        (lambda: bpr_loss(torch.ones(3), torch.ones(3), base=1), "bpr_loss: base must be a number above 0 other than 1"),
+        (lambda: bpr_loss(torch.ones(3, dtype=torch.long), torch.ones(3)), "bpr_loss: the inputs must be floating-point"),
+        (lambda: sand.emb_loss(torch.ones(2, 3), torch.ones(5, 3)), "emb_loss: give the batch's rows, [B, D] each with "
+                                                                    "one B (got shapes [2, 3], [5, 3])"),
+        (lambda: sand.emb_loss(), "emb_loss: give the batch's rows"),
+        (lambda: neg_l2(torch.ones(3, 0), torch.ones(3, 0)), "neg_l2: an input is empty"),
+        (lambda: solo_sim_loss(x[0], x[0].double(), 0.2), "solo_sim_loss: the inputs must share one dtype"),
+        (lambda: solo_sim_loss(x[0], x[0], "0.2"), "solo_sim_loss: tau must be one number above 0"),
+        (lambda: solo_sim_loss(x[0], x[0], True), "solo_sim_loss: tau must be one number above 0"),
         (lambda: club(x, x[..., :5], perm), "CLUB: the pairs are 6 and 5 wide, the estimator reads 6 and gives 6"),
         (lambda: club(x, x, perm[:, :20]), "CLUB: perm must be int64 of shape [2, 30]"),
         (lambda: club(x, x, torch.stack([torch.arange(1114, 1144), torch.arange(30)])),  # item ids, not positions
          "CLUB: perm holds 0..1143, but it must hold positions 0..29 within the 30 pairs (not item ids)"),
-        (lambda: club(x[:, :0], x[:, :0], perm[:, :0]), "CLUB: x and y must both be [..., N, D] with N > 0"),  # empty
+        (lambda: club(x[:, :0], x[:, :0], perm[:, :0]), "CLUB: an input is empty"),
         (lambda: fit_club(club, torch.optim.Adam(club.parameters()), x, x[:1, :3], 2), "fit_club: x and y must both be"),
-        (lambda: fit_club(club, torch.optim.Adam(club.parameters()), x[:, :0], x[:, :0], 2),
-         "fit_club: x and y must both be [..., N, D] with N > 0"),
+        (lambda: fit_club(club, torch.optim.Adam(club.parameters()), x[:, :0], x[:, :0], 2), "fit_club: an input is empty"),
         (lambda: fit_club(club, torch.optim.Adam(club.parameters()), x, x, -1), "fit_club: steps must be a whole number, "
                                                                                 "0 or more (got -1)"),
         (lambda: neg_l2(x, x[..., :5]), "neg_l2: x and y must both be [..., N, D] with N > 0"),
-        (lambda: solo_sim_loss(x[0, :0], x[0, :0], 0.2), "solo_sim_loss: anchor and other must both be [N, D] with N > 0"),
+        (lambda: solo_sim_loss(x[0, :0], x[0, :0], 0.2), "solo_sim_loss: an input is empty"),
         (lambda: bpr_loss(torch.randn(8, 1), torch.randn(8, 1)), "bpr_loss: pos and neg must both be [B], one score per "
                                                                  "triple (got [8, 1] and [8, 1])"),
         (lambda: bpr_loss(torch.randn(8), torch.randn(8, 1)), "bpr_loss: pos and neg must both be [B]"),
@@ -2195,32 +2254,52 @@ def test_fitting_q_between_the_bounds_forward_and_backward_leaves_the_bounds_gra
     assert all(b < a for a, b in zip(values, values[1:])) and values[-1] < 100 * values[0] < 0
 
 
-PIECE_EDITS = {  # a plain piece that the fast tier replaces, edited as a reader might: (where, name, edit)
+def first_rows(x, n):
+    return x[..., :n, :]
+
+
+PIECE_EDITS = {  # a plain piece that the fast tier replaces, edited as a reader might: (where, name, edit, flags)
     "SAND.modality": (sand.SAND, "modality", lambda real: lambda self, m, parts: (lambda item, out: (
-        item, {k: v * 2 if k == "a" else v for k, v in out.items()}))(*real(self, m, parts))),
-    "lightgcn": (sand, "lightgcn", lambda real: lambda adj, h0, n: real(adj, h0, n) / (n + 1)),
-    "solo_sim_loss": (sand, "solo_sim_loss", lambda real: lambda a, b, tau: real(a, b, 2 * tau)),
-    "fit_club": (sand, "fit_club", lambda real: lambda club, opt, x, y, steps: real(club, opt, x, y, steps + 1)),
-    "CLUB.nll": (sand.CLUB, "nll", lambda real: lambda self, x, y: 2 * real(self, x, y)),
-    "SAND.modality raises": (sand.SAND, "modality", lambda real: lambda self, m, parts: 1 / 0),
+        item, {k: v * 2 if k == "a" else v for k, v in out.items()}))(*real(self, m, parts)), []),
+    "SAND.modality at evaluation only": (sand.SAND, "modality", lambda real: lambda self, m, parts: (lambda item, out: (
+        item if self.training else item + 1, out))(*real(self, m, parts)), []),  # item * 2: normalised away
+    "lightgcn": (sand, "lightgcn", lambda real: lambda adj, h0, n: real(adj, h0, n) / (n + 1), []),
+    "lightgcn from its third hop on": (sand, "lightgcn", lambda real: lambda adj, h0, n: real(adj, h0, n) + (
+        0.1 * h0 if n >= 3 else 0), ["--n-layers", "3"]),
+    "solo_sim_loss": (sand, "solo_sim_loss", lambda real: lambda a, b, tau: real(a, b, 2 * tau), []),
+    "fit_club": (sand, "fit_club", lambda real: lambda club, opt, x, y, steps: real(club, opt, x, y, steps + 1), []),
+    "fit_club after its third step": (sand, "fit_club", lambda real: lambda club, opt, x, y, steps: real(
+        club, opt, x, y, steps + (steps > 3)), []),
+    "fit_club on at most 100 pairs": (sand, "fit_club", lambda real: lambda club, opt, x, y, steps: real(
+        club, opt, first_rows(x, 100), first_rows(y, 100), steps), []),  # the run has 1,144 items
+    "CLUB.nll": (sand.CLUB, "nll", lambda real: lambda self, x, y: 2 * real(self, x, y), []),
+    "SAND.modality raises": (sand.SAND, "modality", lambda real: lambda self, m, parts: 1 / 0, []),
 }
 
 
 @pytest.mark.parametrize("edit", PIECE_EDITS)
 def test_an_edit_to_a_plain_piece_that_the_fast_tier_lacks_stops_a_run_with_one_line(tmp_path, monkeypatch, capsys, edit):
-    where, name, change = PIECE_EDITS[edit]
+    where, name, change, flags = PIECE_EDITS[edit]
     monkeypatch.setattr(where, name, change(getattr(where, name)))
-    piece = {"CLUB.nll": "fit_club", "SAND.modality raises": "SAND.modality"}.get(edit, edit)
-    expect = (f"sand.py's {piece} fails on a small random instance of this configuration (ZeroDivisionError: "
+    piece = "fit_club" if name in ("fit_club", "nll") else {"modality": "SAND.modality"}.get(name, name)
+    expect = (f"sand.py's {piece} fails on a random instance of this configuration (ZeroDivisionError: "
               if edit.endswith("raises") else f"sand.py's {piece} and its fast path ")
-    one_line_error(["--epochs", "1", "--club-fit", "intra"], tmp_path, monkeypatch, capsys, expect)
+    one_line_error(["--epochs", "1", "--club-fit", "intra", *flags], tmp_path, monkeypatch, capsys, expect)
     assert not (tmp_path / "runs").exists()
-    plain = ["--epochs", "1", "--club-fit", "intra", "--club-steps", "2", "--plain"]
+    plain = ["--epochs", "1", "--club-fit", "intra", "--club-steps", "5", "--plain", *flags]
     if edit.endswith("raises"):  # the plain tier runs the edit itself
         with pytest.raises(ZeroDivisionError):
             cli(plain, tmp_path, monkeypatch, capsys)
     else:
         assert cli(plain, tmp_path, monkeypatch, capsys)[0] == 0
+
+
+def test_the_check_of_the_fast_paths_runs_for_any_k_and_counts_in_the_memory_a_run_needs(tmp_path, monkeypatch):
+    assert train.run(run_cfg(**tiny_run(tmp_path, epochs=1, knn_k=60, out=str(tmp_path / "k"))), log=quiet)["best_epoch"]
+    cfg = run_cfg(mlp_dim=2 ** 20)  # the check's float64 model and gradients outweigh the run's float32 one
+    need, what = train.memory_needed(cfg, 2000, 1000, {"image": 512, "text": 128})
+    assert what.startswith("the check of the fast paths: ") and need > 24 * 10 ** 9
+    assert train.memory_needed(run_cfg(mlp_dim=2 ** 20, plain=True), 2000, 1000, {"image": 512, "text": 128})[0] < need
 
 
 # ---------------------------------------------------------------------------------------------

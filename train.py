@@ -341,7 +341,7 @@ def check_tiers(hp, ds, log):
     """Stop with one line if a fast path no longer computes what its plain piece does (sand.tier_mismatch)."""
     STATUS.show("checking the fast paths against the plain code ...")
     t0 = time.perf_counter()
-    why = sand.tier_mismatch(hp, {"image": ds.image.shape[1], "text": ds.text.shape[1]})
+    why = sand.tier_mismatch(hp, {"image": ds.image.shape[1], "text": ds.text.shape[1]}, ds.n_items)
     if why:
         raise UsageError(why)
     log(f"the fast paths compute what the plain code does on a small instance of this configuration "
@@ -495,8 +495,8 @@ def diagnostic_tables(points):
               "both modalities for a_m ~ b_m and g_m ~ u_m).", "", "| point | " + " | ".join(pairs) + " |",
               "|---" * (len(pairs) + 1) + "|"]
     for label, ds in points.items():
-        lines.append(f"| {label} | " + " | ".join(cell(ds, lambda d, keys=keys: [d["cka"][k] for k in keys if k in d["cka"]])
-                                                   for keys in pairs.values()) + " |")
+        cells = [cell(ds, lambda d, keys=keys: [d["cka"][k] for k in keys if k in d["cka"]]) for keys in pairs.values()]
+        lines += [f"| {label} | " + " | ".join(cells) + " |"] if set(cells) != {"-"} else []  # plain VBPR: no halves
     return lines if points else []
 
 
@@ -631,6 +631,12 @@ def memory_needed(cfg, n_users, n_items, widths):
     if cfg.sand.dist == "mi":  # both networks' hidden layers on both sets of pairs, their gradients, masks, buffers
         need += 4 * 4 * 2 * n_items * 2 * cfg.sand.club_hidden
         what += f"; the CLUB estimator's activations, 2 x {n_items} pairs through --club-hidden {cfg.sand.club_hidden}"
+    if not cfg.train.plain:  # the check of the fast paths first: a float64 model with its gradients, ~30 users and items
+        with torch.device("meta"):
+            check = sum(p.numel() for p in sand.build_model(cfg.sand, 30, {m: torch.empty(40, d) for m, d in
+                                                                          widths.items()})[0].parameters())
+        if 32 * check > need:
+            need, what = 32 * check, f"the check of the fast paths: {check:,} parameters in float64, with gradients"
     return need, what
 
 
@@ -910,7 +916,8 @@ def load_checkpoint(path):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # whatever torch.load makes of a file that is not one of ours
         raise UsageError(f"{not_ours}: {type(e).__name__}: {first_line(e)}") from None
-    if not isinstance(ckpt, dict) or not {"model", "epoch", "config", "dataset", "given"} <= ckpt.keys():
+    kinds = {"model": dict, "epoch": int, "config": dict, "dataset": dict, "given": list}
+    if not isinstance(ckpt, dict) or any(not isinstance(ckpt.get(k), t) or isinstance(ckpt.get(k), bool) for k, t in kinds.items()):
         raise UsageError(not_ours)
     if "run" not in ckpt:
         raise UsageError(f"{path} was written by an older train.py; start a new run")
@@ -921,7 +928,9 @@ def load_checkpoint(path):
 def locked(folder):
     """An exclusive lock on a run folder (its file .lock), held while a train.py writes there; a folder made here
     that holds nothing else when it ends is removed again."""
-    made, path = not os.path.isdir(folder), os.path.join(folder, ".lock")
+    made, path, f = [], os.path.join(folder, ".lock"), os.path.abspath(folder)
+    while not os.path.exists(f):  # the folders made here, innermost first
+        made, f = made + [f], os.path.dirname(f)
     os.makedirs(folder, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -938,7 +947,10 @@ def locked(folder):
         os.close(fd)  # closing the file releases the lock
         if made and os.listdir(folder) == [".lock"]:
             os.remove(path)
-            os.rmdir(folder)
+            for f in made:
+                if os.listdir(f):
+                    break
+                os.rmdir(f)
 
 
 if os.name == "nt":
@@ -1064,6 +1076,8 @@ def eval_only(cfg, log):
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
         raise UsageError(f"{cfg.train.eval_only} does not fit its run's model ({first_line(e)})") from None
+    if not finite({}, model):
+        raise UsageError(f"{cfg.train.eval_only} holds weights that are not finite: it is no model to evaluate")
     metrics = evaluate(model, make_evaluator(ds, device))
     log(json.dumps({"epoch": ckpt["epoch"], **metrics}, indent=2))
     return metrics
@@ -1193,7 +1207,8 @@ def grid(cfg, log):
     rows, diagnostics = [], {}
     with locked(out):
         for r in runs:
-            results = read_json(os.path.join(r.folder, "results.json")) or None  # a finished run is read back
+            results = read_json(os.path.join(r.folder, "results.json"))  # a finished run is read back
+            results = results if {"best_epoch", "valid", "test", "diverged"} <= results.keys() else None
             if results is None:  # not yet run, or interrupted: then it goes on from its last.pt
                 last = os.path.join(r.folder, "last.pt")
                 resume = load_checkpoint(last) if os.path.isfile(last) else None
