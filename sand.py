@@ -115,7 +115,10 @@ def unread(cfg):
     if cfg.backbone != "freedom":
         no("edge_dropout", "read only with --backbone freedom")
     if cfg.align == "none":
-        no("alpha tau head_dim align_dim", "read only with --align solo or complete")
+        no("alpha tau", "read only with --align solo or complete")
+        if cfg.backbone != "vbpr" or cfg.dist == "none":  # VBPR scores its heads' z_m, aligned or not
+            no("head_dim align_dim", "read only with --align solo or complete" if cfg.backbone != "vbpr" else
+               "not read by plain VBPR (--dist none --align none)")
     if cfg.dist == "none":
         no("dist_dim", "read only with --dist mi or l2")
     if cfg.dist != "mi":
@@ -642,12 +645,16 @@ class FREEDOMSAND(nn.Module):
             self.train_adj = pruned_adjacency(self.edges, self.edge_weights, self.n_users, len(self.item),
                                               self.cfg.edge_dropout, generator)
 
+    def split(self, m):
+        """The modality projection x_m = trs_m(F_m) [I, d] and its generic and unique halves [I, d/2] each."""
+        x = self.trs[m](self.feat[m])  # [I, d]
+        return x, x[:, :x.shape[1] // 2], x[:, x.shape[1] // 2:]
+
     def features(self):
         """Per modality {"x": x_m [I, d], "z": the alignment view [I, align_dim], "a": g_m, "b": u_m [I, d/2]}."""
         aux = {}
         for m in MODALITIES:
-            x = self.trs[m](self.feat[m])  # [I, d]
-            g, u = x[:, :x.shape[1] // 2], x[:, x.shape[1] // 2:]
+            x, g, u = self.split(m)
             aux[m] = {"x": x, "a": g, "b": u}
             if self.cfg.align != "none":
                 aux[m]["z"] = F.normalize(self.head[m](x if self.cfg.align == "complete" else g), dim=1)

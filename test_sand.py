@@ -382,7 +382,8 @@ def test_bad_files_give_one_line(tmp_path, monkeypatch, capsys, recwarn, name, c
     ({"dist": "none", "dist_dim": 16}, "--dist-dim is read only with --dist mi or l2"),
     ({"dropout": 0.1}, "--dropout is read only with --backbone vbpr"),
     ({"backbone": "vbpr", "dist": "none", "align": "none", "eval_dropout": True}, "--eval-dropout is read only with --dropout above 0"),
-    ({"backbone": "vbpr", "dist": "none", "align": "none", "head_dim": 8}, "--head-dim is read only with --align solo or complete"),
+    ({"backbone": "vbpr", "dist": "none", "align": "none", "head_dim": 8}, "--head-dim is not read by plain VBPR"),
+    ({"backbone": "freedom", "align": "none", "align_dim": 8}, "--align-dim is read only with --align solo or complete"),
 ])
 def test_check_refuses_a_setting_out_of_range_or_one_that_would_be_ignored(kw, expect):
     with pytest.raises(train.UsageError, match=re.escape(expect)):
@@ -392,7 +393,8 @@ def test_check_refuses_a_setting_out_of_range_or_one_that_would_be_ignored(kw, e
 
 def test_flags_with_what_they_need_pass_the_check():
     for kw in ({"seeds": 5, "ablation": True}, {"seeds": 5, "grid": ("alpha=0.1",)}, {"profile": True},
-               {"backbone": "vbpr", "dropout": 0.2, "eval_dropout": True}, {"backbone": "freedom", "reg_weight": 1e-3}):
+               {"backbone": "vbpr", "dropout": 0.2, "eval_dropout": True}, {"backbone": "freedom", "reg_weight": 1e-3},
+               {"backbone": "vbpr", "align": "none", "head_dim": 8}):  # VBPR scores its heads, aligned or not
         train.check(run_cfg(**kw))
 
 
@@ -1758,7 +1760,9 @@ def test_resume_refuses_a_smaller_patience_or_fewer_epochs_than_the_run_has_had(
         with pytest.raises(train.UsageError, match=re.escape(expect)):
             train.run(run_cfg(resume=str(out), **kw), log=quiet)
     assert files_of(out) == before
-    assert train.run(run_cfg(resume=str(out), epochs=6, patience=1000), log=quiet)["epochs_run"] == 6  # the same: fine
+    lines = []
+    assert train.run(run_cfg(resume=str(out), epochs=6, patience=1000), log=lines.append)["epochs_run"] == 6  # the same
+    assert f"resuming {out}/ after epoch 6 (--epochs 6, --patience 1000): it has already stopped" in lines
 
 
 def test_resume_and_eval_only_take_only_the_flags_that_may_change(tmp_path):
@@ -1774,7 +1778,16 @@ def test_resume_and_eval_only_take_only_the_flags_that_may_change(tmp_path):
     assert files_of(out) == before
     metrics = train.run(run_cfg(eval_only=str(out), device="cpu"), log=quiet)  # a flag that may change
     assert set(metrics) == {"valid", "test"}
+    began = json.loads((out / "config.json").read_text())
     assert train.run(run_cfg(resume=str(out), epochs=2, device="cpu", profile=True), log=quiet)["epochs_run"] == 2
+    config = json.loads((out / "config.json").read_text())  # how the run began, and each resume
+    assert config["environment"] == began["environment"] and len(config["resumed"]) == 1 and began["resumed"] == []
+    assert config["train"]["epochs"] == 2 and config["train"]["out"] == str(out) and config["run"] == began["run"]
+    last = torch.load(out / "last.pt", weights_only=True)  # made on another kind of device: a CUDA generator's state
+    torch.save({**last, "generators": [torch.zeros(16, dtype=torch.uint8)] * 2}, out / "last.pt")
+    with pytest.raises(train.UsageError, match="the run was made on another kind of device"):
+        train.run(run_cfg(resume=str(out), epochs=3), log=quiet)
+    torch.save(last, out / "last.pt")
     for ckpt in ("best.pt", "last.pt"):  # a resumed run's checkpoints are evaluated and resumed again
         assert set(train.run(run_cfg(eval_only=str(out / ckpt)), log=quiet)) == {"valid", "test"}
     assert train.run(run_cfg(resume=str(out), epochs=3), log=quiet)["epochs_run"] == 3

@@ -739,7 +739,8 @@ class Run:
             self.id, p, t = resume["run"], restore(resume, *parts), self.cfg.train
             self.saved, self.saved_at = p.epoch, time.perf_counter()  # best.pt is written again at the first checkpoint
             self.log(f"resuming {self.folder}/ after epoch {p.epoch} (--epochs {t.epochs}, --patience {t.patience})"
-                     + (": it has already stopped" if p.diverged or p.bad_epochs > t.patience else ""))
+                     + (": it has already stopped" if p.diverged or p.bad_epochs > t.patience or p.epoch >= t.epochs
+                        else ""))
         self.log(f"{self.ds.summary(short=True)} on {model_device(model)}; writing to {self.folder}/")
         for note in self.ds.notes:
             self.log(note)
@@ -787,9 +788,12 @@ class Run:
         if p["best_epoch"] not in (self.saved_best, None):
             files["best.pt"] = (lambda f: torch.save(best, f), "wb")
         if not self.written:  # this run's first checkpoint: the folder becomes its alone
+            now, before = environment(model_device(self.parts[0])), read_json(self.path("config.json"))
+            resumed = self.id == before.get("run")  # then config.json keeps how the run began, and adds this
             files["config.json"] = (json_text({**self.cfg.as_dict(), "run": self.id, "given": header["given"],
                                                "dataset_stats": header["dataset"],
-                                               "environment": environment(model_device(self.parts[0]))}), "w")
+                                               "environment": before["environment"] if resumed else now,
+                                               "resumed": before.get("resumed", []) + [now] if resumed else []}), "w")
         with INTERRUPTS.held():
             try:
                 data.write_together({self.path(name): content for name, content in files.items()})
@@ -833,6 +837,9 @@ def checkpoint_header(cfg, ds):
 
 def restore(ckpt, model, club, opt, club_opt, generators):
     """Load a last.pt into the run's model, estimator, optimizers and generators -> its Progress (or a UsageError)."""
+    if [g.get_state().numel() for g in generators] != [s.numel() for s in ckpt.get("generators", [])]:
+        raise UsageError(f"the run was made on another kind of device, whose random generators cannot go on here: "
+                         f"resume it on that kind (its config.json names the device)")
     try:
         for part, name in ((model, "model"), (club, "club"), (opt, "opt"), (club_opt, "club_opt")):
             part.load_state_dict(ckpt[name])
@@ -873,8 +880,9 @@ def config_from_dict(c, given=()):
 def saved_run(cfg, mode):
     """The run that --resume or --eval-only names (a run folder, or a checkpoint in one) -> (its checkpoint, its
     configuration, its folder). It keeps its settings: a flag of MAY_CHANGE[mode] given on the command line
-    replaces the saved value, any other is refused; --epochs and --patience may only extend a run (a smaller one
-    might have stopped it sooner, and its record would name settings that did not make its results)."""
+    replaces the saved value, any other is refused. --patience may not go below the run's, nor --epochs below the
+    epochs it has trained: a run so stopped might have stopped sooner, and its record would name settings that did
+    not make its results."""
     path = value(cfg, mode)
     if os.path.isdir(path):
         path = os.path.join(path, "last.pt" if mode == "resume" else "best.pt")
@@ -896,7 +904,8 @@ def saved_run(cfg, mode):
         check(saved)
     except UsageError as e:
         raise UsageError(f"{path}: {e}") from None
-    return ckpt, saved, os.path.dirname(os.path.abspath(path))
+    saved.train.out = os.path.dirname(os.path.abspath(path))  # a run goes on in its own folder
+    return ckpt, saved, saved.train.out
 
 
 def check_data(ckpt, ds):
@@ -1071,6 +1080,8 @@ def eval_only(cfg, log):
     device = resolve_device(saved.train.device)
     ds = load(saved, device)
     check_data(ckpt, ds)
+    if not saved.train.plain:
+        check_tiers(saved.sand, ds, lambda *_: None)
     model = build(saved, ds, device)[0]
     try:
         model.load_state_dict(ckpt["model"])
@@ -1319,7 +1330,9 @@ def parser():
     p = Parser(prog="train.py", description="Train SAND (Separate Alignment aNd Distancing) and report "
                                             "MMRec's Recall@10/20 and NDCG@10/20 at the best valid epoch.")
     variants = list(itertools.product(BACKBONES, ("mi", "l2", "none"), ("solo", "complete", "none")))
-    for group, cls in (("training", TrainConfig), ("model (defaults: the authors' released code)", SANDConfig)):
+    for group, cls in (("training", TrainConfig), ("model (defaults: the authors' released code; a backbone's own where it "
+                                                   "differs: the authors' VBPR+SAND and FREEDOM+SAND, MMRec's VBPR)",
+                                                   SANDConfig)):
         g = p.add_argument_group(group)
         for f in dataclasses.fields(cls):  # default None: a flag left out takes its variant's default (make_config)
             readers = sorted({b for b, d, a in variants if f.name not in sand.unread(SANDConfig(b, d, a, dropout=0.5))},
