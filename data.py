@@ -8,7 +8,7 @@ MMRec format (what the field's Amazon Baby / Sports / Clothing releases ship):
 
 x_label is 0 train, 1 valid, 2 test; ids are 0-based and n_users / n_items are max id + 1 over the
 whole file. The built-in datasets (`synthetic`, `synthetic-baby`, `synthetic-clothing`) are made in
-memory from a seed; `python data.py --write DIR` writes one in MMRec's format.
+memory from a seed; `python data.py --write DIR` writes one in MMRec's format (as DIR/synthetic-mmrec/).
 """
 import argparse
 import functools
@@ -242,14 +242,16 @@ def load_mmrec(data_dir, name, fits=None):
     return from_interactions(name, user, item, label, image, text)
 
 
-def write_mmrec(ds, data_dir):
-    """Write a Dataset in MMRec's format (each file complete or absent: written then renamed)."""
-    folder = os.path.join(data_dir, ds.name)
+def write_mmrec(ds, data_dir, name=None):
+    """Write a Dataset in MMRec's format as data_dir/<name>/ (default: its own name), each file complete or absent
+    (written then renamed)."""
+    name = name or ds.name
+    folder = os.path.join(data_dir, name)
     os.makedirs(folder, exist_ok=True)
     lines = ["userID\titemID\trating\ttimestamp\tx_label"]
     for k, s in enumerate(SPLITS):
         lines += [f"{u}\t{i}\t1\t0\t{k}" for u, i in getattr(ds, s).tolist()]
-    atomic_write(os.path.join(folder, f"{ds.name}.inter"), "\n".join(lines) + "\n")
+    atomic_write(os.path.join(folder, f"{name}.inter"), "\n".join(lines) + "\n")
     for fname, arr in (("image_feat.npy", ds.image), ("text_feat.npy", ds.text)):
         atomic_write(os.path.join(folder, fname), lambda f, a=arr: np.save(f, a), mode="wb")
     return folder
@@ -410,9 +412,15 @@ def main():
     p.add_argument("--write", metavar="DIR", required=True, help="data folder to write <name>/ into")
     p.add_argument("--dataset", default="synthetic", choices=sorted(BUILTIN))
     p.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
+    p.add_argument("--name", help="the written dataset's name (default: <dataset>-mmrec; a built-in name would "
+                                  "load the built-in data instead)")
     args = p.parse_args()
+    name = args.name or f"{args.dataset}-mmrec"
+    if name in BUILTIN:
+        p.error(f"--name {name} is a built-in dataset's: train.py would make that instead of reading the files")
     ds = make_synthetic(args.dataset, args.seed)
-    print(f"wrote {write_mmrec(ds, args.write)}: {ds.summary()}")
+    print(f"wrote {write_mmrec(ds, args.write, name)}: {ds.summary()}\n"
+          f"train on it: python train.py --dataset {name} --data-dir {args.write}")
 
 
 if __name__ == "__main__":

@@ -271,8 +271,12 @@ def test_builtin_load_and_write_cli(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(HERE, "data.py"), "--write", str(tmp_path)],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    ds = data.load_mmrec(str(tmp_path), "synthetic")
+    ds = data.load_dataset("synthetic-mmrec", str(tmp_path))  # the files, not the built-in data of that name
     np.testing.assert_array_equal(ds.train, data.load_dataset("synthetic").train)
+    assert f"--dataset synthetic-mmrec --data-dir {tmp_path}" in r.stdout
+    r = subprocess.run([sys.executable, os.path.join(HERE, "data.py"), "--write", str(tmp_path), "--name", "synthetic"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "built-in" in r.stderr
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1118,6 +1122,7 @@ def test_vbpr_learns_beats_most_popular_and_the_diagnostic_reads_its_parts(tmp_p
     shares = results["diagnostic"]["best"]["shares"]
     if align == "none":  # plain VBPR: one feature map of both modalities. On this data it stays below popularity
         assert set(shares) == {"features"} and min(shares["features"].values()) > 0.02  # some of every group
+        assert "CKA" not in train.format_diagnostic(**results["diagnostic"])  # nothing to compare: no empty line
     else:  # VBPR+SAND beats popularity; each half carries its own modality's factors, not the other's
         assert results["test"]["recall@20"] > 1.15 * most_popular
         assert set(shares) == {f"{m} {p}" for m in MODALITIES for p in ("g", "u", "z")}
@@ -2368,7 +2373,7 @@ def test_eval_dropout_draws_a_new_mask_at_each_evaluation_from_the_runs_seed(tmp
 def test_the_readme_stays_short_and_names_its_commands():
     with open(os.path.join(HERE, "README.md")) as f:
         text = f.read()
-    assert len(text.splitlines()) <= 220  # three backbones: results and speed
+    assert len(text.splitlines()) <= 230  # three backbones: results and speed
     for command in ("python train.py --ablation", "python -m pytest -q test_sand.py", "--backbone vbpr --ablation",
                     "--backbone freedom --dist none --align none --grid", "pip install -r requirements.txt"):
         assert command in text

@@ -465,7 +465,8 @@ def format_diagnostic(init, best):
              f"{'part':10s}" + "".join(f"{g:>18s}" for g in groups)]
     for part, row in best["shares"].items():
         lines.append(f"{part:10s}" + "".join(f"{init['shares'][part][g]:>9.3f} ->{v:>6.3f}" for g, v in row.items()))
-    lines += ["linear CKA: " + ", ".join(f"{k} {init['cka'][k]:.3f} -> {v:.3f}" for k, v in best["cka"].items())]
+    lines += ["linear CKA: " + ", ".join(f"{k} {init['cka'][k]:.3f} -> {v:.3f}" for k, v in best["cka"].items())
+              ] if best["cka"] else []  # plain VBPR: one feature map, no pairs
     return "\n".join(lines)
 
 
