@@ -15,6 +15,7 @@ import functools
 import hashlib
 import os
 import re
+import sys
 import tempfile
 from dataclasses import dataclass, field
 
@@ -416,11 +417,15 @@ def main():
                                   "load the built-in data instead)")
     args = p.parse_args()
     name = args.name or f"{args.dataset}-mmrec"
-    if name in BUILTIN:
-        p.error(f"--name {name} is a built-in dataset's: train.py would make that instead of reading the files")
     ds = make_synthetic(args.dataset, args.seed)
-    print(f"wrote {write_mmrec(ds, args.write, name)}: {ds.summary()}\n"
-          f"train on it: python train.py --dataset {name} --data-dir {args.write}")
+    try:
+        if name in BUILTIN:
+            raise DataError(f"--name {name} is a built-in dataset's: train.py would make that instead of reading it")
+        print(f"wrote {write_mmrec(ds, args.write, name)}: {ds.summary()}\n"
+              f"train on it: python train.py --dataset {name} --data-dir {args.write}")
+    except (DataError, OSError) as e:
+        print(f"data.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -274,9 +274,11 @@ def test_builtin_load_and_write_cli(tmp_path):
     ds = data.load_dataset("synthetic-mmrec", str(tmp_path))  # the files, not the built-in data of that name
     np.testing.assert_array_equal(ds.train, data.load_dataset("synthetic").train)
     assert f"--dataset synthetic-mmrec --data-dir {tmp_path}" in r.stdout
-    r = subprocess.run([sys.executable, os.path.join(HERE, "data.py"), "--write", str(tmp_path), "--name", "synthetic"],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "built-in" in r.stderr
+    for args, why in ((["--name", "synthetic"], "built-in"), (["--write", str(tmp_path / "synthetic-mmrec" / "image_feat.npy")],
+                                                             "Not a directory")):
+        r = subprocess.run([sys.executable, os.path.join(HERE, "data.py"), "--write", str(tmp_path), *args],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and why in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 # ---------------------------------------------------------------------------------------------
