@@ -1845,6 +1845,8 @@ def test_rerunning_a_run_replaces_it_only_once_the_new_run_has_a_checkpoint(tmp_
     # another run's settings: refused before anything in the folder is touched
     with pytest.raises(train.UsageError, match=re.escape(f"{folder}/ holds another run (--lr 0.0001, not 0.001)")):
         train.run(run_cfg(**base, lr=1e-3), log=quiet)
+    with pytest.raises(train.UsageError, match=re.escape("(--alpha 0.012, not 0.1; --lr 0.0001, not 0.001)")):
+        train.run(run_cfg(**base, lr=1e-3, alpha=0.1), log=quiet)  # every setting that differs, at once
     assert files_of(folder) == before
     # the same settings again, stopped in its first epoch (Ctrl-C, a crash) or at its first checkpoint (a full disk,
     # whose failed write torch.save reports as a RuntimeError): the old run is intact

@@ -865,7 +865,7 @@ def same_run(folder, cfg, ds):
         return f"made on other data: {saved.get('dataset_stats')}"
     as_json = lambda v: json.loads(json.dumps(v))  # a tuple is a list there
     differ = [name for name in FIELDS if name not in HOW and as_json(value(theirs, name)) != as_json(value(cfg, name))]
-    return f"{flag(differ[0])} {value(theirs, differ[0])}, not {value(cfg, differ[0])}" if differ else True
+    return "; ".join(f"{flag(k)} {value(theirs, k)}, not {value(cfg, k)}" for k in differ) if differ else True
 
 
 def config_from_dict(c, given=()):
