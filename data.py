@@ -8,13 +8,14 @@ MMRec format (what the field's Amazon Baby / Sports / Clothing releases ship):
 
 x_label is 0 train, 1 valid, 2 test; ids are 0-based and n_users / n_items are max id + 1 over the
 whole file. The built-in datasets (`synthetic`, `synthetic-baby`, `synthetic-clothing`) are made in
-memory from a seed; `python data.py --write DIR` writes one in MMRec's format (as DIR/synthetic-mmrec/).
+memory from a seed; `python data.py --write DIR` writes one in MMRec's format (DIR/<dataset>-mmrec/).
 """
 import argparse
 import functools
 import hashlib
 import os
 import re
+import shlex
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -244,17 +245,16 @@ def load_mmrec(data_dir, name, fits=None):
 
 
 def write_mmrec(ds, data_dir, name=None):
-    """Write a Dataset in MMRec's format as data_dir/<name>/ (default: its own name), each file complete or absent
-    (written then renamed)."""
+    """Write a Dataset in MMRec's format as data_dir/<name>/ (default: its own name), the three files together: each
+    complete, all or none in place (write_together)."""
     name = name or ds.name
     folder = os.path.join(data_dir, name)
-    os.makedirs(folder, exist_ok=True)
     lines = ["userID\titemID\trating\ttimestamp\tx_label"]
     for k, s in enumerate(SPLITS):
         lines += [f"{u}\t{i}\t1\t0\t{k}" for u, i in getattr(ds, s).tolist()]
-    atomic_write(os.path.join(folder, f"{name}.inter"), "\n".join(lines) + "\n")
-    for fname, arr in (("image_feat.npy", ds.image), ("text_feat.npy", ds.text)):
-        atomic_write(os.path.join(folder, fname), lambda f, a=arr: np.save(f, a), mode="wb")
+    write_together({os.path.join(folder, f"{name}.inter"): ("\n".join(lines) + "\n", "w"),
+                    **{os.path.join(folder, fname): (lambda f, a=arr: np.save(f, a), "wb")
+                       for fname, arr in (("image_feat.npy", ds.image), ("text_feat.npy", ds.text))}})
     return folder
 
 
@@ -409,23 +409,32 @@ def load_dataset(name, data_dir="data", seed=0, fits=None):
 
 
 def main():
-    p = argparse.ArgumentParser(description="Write a built-in dataset in MMRec's format.")
-    p.add_argument("--write", metavar="DIR", required=True, help="data folder to write <name>/ into")
+    p = argparse.ArgumentParser(description="Write a built-in dataset in MMRec's format, as DIR/<name>/.")
+    p.add_argument("--write", metavar="DIR", required=True, help="the data folder to write <name>/ into")
     p.add_argument("--dataset", default="synthetic", choices=sorted(BUILTIN))
     p.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
-    p.add_argument("--name", help="the written dataset's name (default: <dataset>-mmrec; a built-in name would "
-                                  "load the built-in data instead)")
+    p.add_argument("--name", help="the written dataset's name (default: <dataset>-mmrec); letters, digits, . _ -")
     args = p.parse_args()
-    name = args.name or f"{args.dataset}-mmrec"
-    ds = make_synthetic(args.dataset, args.seed)
+    name = f"{args.dataset}-mmrec" if args.name is None else args.name
+    folder = os.path.join(args.write, name)
     try:
-        if name in BUILTIN:
-            raise DataError(f"--name {name} is a built-in dataset's: train.py would make that instead of reading it")
-        print(f"wrote {write_mmrec(ds, args.write, name)}: {ds.summary()}\n"
-              f"train on it: python train.py --dataset {name} --data-dir {args.write}")
+        for bad, why in ((args.write == "", "--write '' is empty: give a folder"),
+                         (not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name), f"--name {name!r} is not a name of "
+                          f"letters, digits, '.', '_' and '-' (starting with a letter or digit)"),
+                         (name in BUILTIN, f"--name {name} is a built-in dataset's: train.py would make that data "
+                          f"instead of reading these files"),
+                         (not 0 <= args.seed < 2 ** 63, f"--seed must be from 0 to 2**63 - 1 (got {args.seed})"),
+                         (os.path.isdir(folder) and os.listdir(folder), f"{folder}/ is not empty: delete it, or give "
+                          f"another --name")):
+            if bad:
+                raise DataError(why)
+        ds = make_synthetic(args.dataset, args.seed)
+        write_mmrec(ds, args.write, name)
     except (DataError, OSError) as e:
         print(f"data.py: error: {e}", file=sys.stderr)
         sys.exit(2)
+    print(f"wrote {folder}/ ({ds.n_users} users, {ds.n_items} items, the built-in {args.dataset} of seed {args.seed}); "
+          f"train on it: python train.py --dataset {name} --data-dir {shlex.quote(args.write)}")
 
 
 if __name__ == "__main__":

@@ -268,17 +268,28 @@ def test_synthetic_is_seeded_and_planted():
 
 
 def test_builtin_load_and_write_cli(tmp_path):
-    r = subprocess.run([sys.executable, os.path.join(HERE, "data.py"), "--write", str(tmp_path)],
-                       capture_output=True, text=True, timeout=120)
+    write = lambda *args: subprocess.run([sys.executable, os.path.join(HERE, "data.py"), "--write", *args],
+                                         capture_output=True, text=True, timeout=120)
+    r = write(str(tmp_path))
     assert r.returncode == 0, r.stderr
     ds = data.load_dataset("synthetic-mmrec", str(tmp_path))  # the files, not the built-in data of that name
     np.testing.assert_array_equal(ds.train, data.load_dataset("synthetic").train)
-    assert f"--dataset synthetic-mmrec --data-dir {tmp_path}" in r.stdout
-    for args, why in ((["--name", "synthetic"], "built-in"), (["--write", str(tmp_path / "synthetic-mmrec" / "image_feat.npy")],
-                                                             "Not a directory")):
-        r = subprocess.run([sys.executable, os.path.join(HERE, "data.py"), "--write", str(tmp_path), *args],
-                           capture_output=True, text=True, timeout=120)
-        assert r.returncode == 2 and why in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.stdout.strip().endswith(f"train on it: python train.py --dataset synthetic-mmrec --data-dir {tmp_path}")
+    r = write(str(tmp_path), "--name", "mine", "--seed", "3")
+    assert r.returncode == 0, r.stderr
+    np.testing.assert_array_equal(data.load_dataset("mine", str(tmp_path)).test, data.make_synthetic(seed=3).test)
+    before = sorted(os.listdir(tmp_path / "mine"))
+    (tmp_path / "afile").write_text("x")
+    for args, why in ((["--name", "synthetic"], "built-in"), (["--name", "mine"], "is not empty"),
+                      (["--name", ""], "is not a name"), (["--name", "a/b"], "is not a name"),
+                      (["--name", "/abs"], "is not a name"), (["--name", ".."], "is not a name"),
+                      (["--seed", "-1"], "--seed must be"), (["--write", ""], "is empty")):
+        r = write(str(tmp_path), *args)
+        assert r.returncode == 2 and why in r.stderr and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
+    r = write(str(tmp_path / "afile"))  # a file where the folder should be: the OS's reason, in one line
+    assert r.returncode == 2 and r.stderr.startswith("data.py: error: ") and len(r.stderr.strip().splitlines()) == 1
+    assert sorted(os.listdir(tmp_path / "mine")) == before and sorted(os.listdir(tmp_path)) == ["afile", "mine",
+                                                                                                 "synthetic-mmrec"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1129,6 +1140,7 @@ def test_vbpr_learns_beats_most_popular_and_the_diagnostic_reads_its_parts(tmp_p
         assert results["test"]["recall@20"] > 1.15 * most_popular
         assert set(shares) == {f"{m} {p}" for m in MODALITIES for p in ("g", "u", "z")}
         assert shares["image u"]["image"] > 0.2 and abs(shares["image u"]["text"]) < 0.05
+        assert "linear CKA: text g ~ image g" in train.format_diagnostic(**results["diagnostic"])
         assert set(results["diagnostic"]["best"]["cka"]) == {"text g ~ image g", "text z ~ image z", "text g ~ text u",
                                                              "image g ~ image u"}
 
@@ -2377,7 +2389,7 @@ def test_eval_dropout_draws_a_new_mask_at_each_evaluation_from_the_runs_seed(tmp
 def test_the_readme_stays_short_and_names_its_commands():
     with open(os.path.join(HERE, "README.md")) as f:
         text = f.read()
-    assert len(text.splitlines()) <= 230  # three backbones: results and speed
+    assert len(text.splitlines()) <= 235  # three backbones: their results, speed and fidelity
     for command in ("python train.py --ablation", "python -m pytest -q test_sand.py", "--backbone vbpr --ablation",
                     "--backbone freedom --dist none --align none --grid", "pip install -r requirements.txt"):
         assert command in text

@@ -64,8 +64,9 @@ class TrainConfig:
                          "a GPU without CUDA graphs: the same mathematics, other float rounding; slower")
     out: str = option("", "run folder (default: runs/<dataset>-<dist>-seed<seed>, then -setting=value for each "
                       "other setting not at its default)")
-    resume: str = option("", "continue the run in this folder (or its last.pt), with its settings: --epochs and "
-                         "--patience may extend it, --device, --data-dir and --profile may change", metavar="RUN")
+    resume: str = option("", "continue the run in this folder (or its last.pt), with its settings: --epochs (not "
+                         "below the epochs trained), --patience (not lowered), --device (of the same kind), "
+                         "--data-dir and --profile may change", metavar="RUN")
     eval_only: str = option("", "evaluate this run folder's best epoch (or a checkpoint: RUN/best.pt, RUN/last.pt) on "
                             "valid and test, no training; --device and --data-dir may change", metavar="RUN")
     ablation: bool = option(False, "run the ablation grid (SAND with mi and l2, cross and intra CLUB fitting, "
