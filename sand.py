@@ -20,10 +20,10 @@ Read it top to bottom:
      user-user graph), VBPRSAND (the authors' VBPR+SAND, and VBPR) and FREEDOMSAND (FREEDOM+SAND, and
      FREEDOM); build_model.
   5. Fast paths, private to these models (not pieces to copy): each replaces one plain piece with the
-     same mathematics in fewer operations. A model picks its tier where it calls the piece
-     (`if self.fast:` beside the plain call); tier_mismatch() checks the tiers against each other, and
-     train.py runs that check before it trains on the fast tier, so that an edit to a plain piece is
-     never silently ignored.
+     same mathematics in fewer operations. A model picks its tier where it calls the piece (`if
+     self.fast:` beside the plain call; train.train_step picks the estimator's fit); tier_mismatch()
+     checks the tiers against each other, and train.py runs that check before it trains on the fast
+     tier, so that an edit to a plain piece is never silently ignored.
 """
 import copy
 import dataclasses
@@ -251,13 +251,14 @@ def solo_sim_loss(anchor, other, tau):
     anchor, other: [N, D], row i of both the same item, rows L2-normalised; tau: a number above 0, or a
     one-element tensor. To learn the temperature, keep it positive by construction: a parameter log_tau and
     tau = log_tau.exp().clamp(min=0.01) (a raw learnable tau can cross 0, which is refused)."""
-    check_views("solo_sim_loss", anchor, other, tau)
+    check_views(anchor, other, tau)
     logits = anchor @ other.T / tau  # [N, N]
     return (logits.logsumexp(1) - logits.diagonal()).mean()
 
 
-def check_views(who, anchor, other, tau):
+def check_views(anchor, other, tau):
     """SoloSimLoss scores anchor i against other i: both must hold the same N > 0 items, in the same order."""
+    who = "solo_sim_loss"
     check_inputs(who, anchor, other)
     if anchor.ndim != 2 or anchor.shape != other.shape:
         raise ValueError(f"{who}: anchor and other must both be [N, D], row i of each the same item (got "
@@ -854,8 +855,8 @@ def _fit_club_fast(club, optimizer, x, y, steps):
 def tier_mismatch(cfg, widths, run_items=40, n_users=30, n_items=40):
     """Does each fast path compute what the plain piece it replaces computes, as they stand now? In float64, on a
     random instance of configuration `cfg`: the pieces that it runs, each plain against fast on the same inputs
-    (outputs and every gradient): the estimator's fit (its --club-steps steps, on as many pairs as the run's
-    `run_items` items give), SoloSimLoss (on up to 2,048 items) and the propagation (--n-layers hops); then, on a
+    (outputs and every gradient): the estimator's fit (its --club-steps steps) and SoloSimLoss, each on as
+    many pairs as the run's `run_items` items give, up to 2,048, and the propagation (--n-layers hops); then, on a
     model of the run's feature widths {modality: d_m} with n_users users and n_items items, the whole loss and every
     gradient, and the scores at evaluation, with either tier. -> None if all agree to within float64 rounding, else
     one line that names the first piece that differs. An edit that acts only on more items than these is not seen.
@@ -877,7 +878,7 @@ def tier_mismatch(cfg, widths, run_items=40, n_users=30, n_items=40):
         h0 = torch.randn(n_users + n_items, 8, dtype=torch.float64, requires_grad=True)
         views = [F.normalize(torch.randn(min(run_items, 2048), 8, dtype=torch.float64), dim=1).requires_grad_()
                  for _ in range(2)]
-        pairs = [torch.randn(2, run_items, club.mu[0].in_features, dtype=torch.float64) for _ in range(2)]
+        pairs = [torch.randn(2, min(run_items, 2048), club.mu[0].in_features, dtype=torch.float64) for _ in range(2)]
         pairs[1] = pairs[1] + pairs[0]  # dependent, so that the fit moves
 
         def grads(out, inputs):  # the outputs, and the gradients of a fixed random mix of them
@@ -902,23 +903,25 @@ def tier_mismatch(cfg, widths, run_items=40, n_users=30, n_items=40):
                 out.append(model.score(*model(parts=False)[:2], torch.arange(n_users)))  # evaluation's scores
             return out
 
-        def modality(fast):
-            out = [_composed_modality(model, m, True) if fast else model.modality(m, True) for m in MODALITIES]
+        def modality(fast):  # with and without the parts that training reads
+            out = [_composed_modality(model, m, parts) if fast else model.modality(m, parts)
+                   for m in MODALITIES for parts in (True, False)]
             return grads([t for item, aux in out for t in (item, *aux.values())], params)
+        name = type(model).__name__
         checks = []  # (plain piece, its fast path, the outputs of either), in the order the model runs them
         if cfg.backbone != "vbpr":
-            checks.append(("lightgcn", "its fast path _lightgcn_fast", lambda fast: grads(
+            checks.append(("lightgcn", "_lightgcn_fast", lambda fast: grads(
                 [(_lightgcn_fast if fast else lightgcn)(model.adj, h0, cfg.n_layers)], [h0])))
         if cfg.align != "none":
-            checks.append(("solo_sim_loss", "its fast path _solo_sim_loss_fast",
+            checks.append(("solo_sim_loss", "_solo_sim_loss_fast",
                            lambda fast: grads([(_solo_sim_loss_fast if fast else solo_sim_loss)(*views, cfg.tau)], views)))
         if cfg.dist == "mi":
-            checks.append(("fit_club", "its fast path _fit_club_fast", lambda fast: fit(_fit_club_fast if fast else fit_club)))
-        checks.append((f"{type(model).__name__} (its loss, gradients and scores)", "its fast tier", whole))
+            checks.append(("fit_club", "_fit_club_fast", lambda fast: fit(_fit_club_fast if fast else fit_club)))
+        checks.append((name, f"{name}'s `if self.fast` branches (its loss, gradients and scores)", whole))
         for plain, fast, run in checks:
             why = _differ(plain, fast, run)
             if why and cfg.backbone == "dragon" and run is whole:  # name the piece if it is the feature transform's
-                why = _differ("SAND.modality", "its fast path _composed_modality", modality) or why
+                why = _differ("SAND.modality", "_composed_modality", modality) or why
             if why:
                 return why
     return None
@@ -931,7 +934,7 @@ def _differ(plain, fast, run):
         try:
             out.append(run(tier))
         except Exception as e:
-            return (f"sand.py's {name.split()[-1] if tier else name.split()[0]} fails on a random instance of this "
+            return (f"sand.py's {name} fails on a random instance of this "
                     f"configuration ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}): "
                     f"fix it" + (", or run train.py with --plain" if tier else ""))
     out = [[t if t is None else t.detach() for t in ts] for ts in out]
@@ -940,7 +943,7 @@ def _differ(plain, fast, run):
         if (a is None) != (b is None) or (a is not None and (a.shape != b.shape or
                                                              float((a - b).abs().max()) > 1e-9 * scale)):
             off = "" if a is None or b is None or a.shape != b.shape else f" by {float((a - b).abs().max()) / scale:.1e} of its scale"
-            return (f"sand.py's {plain} and {fast} no longer compute the same on a random instance of this "
-                    f"configuration (an output or gradient differs{off}): run train.py with --plain, or bring "
-                    f"{fast.split()[-1]} in line with {plain.split()[0]}")
+            return (f"sand.py's {plain} and its fast path {fast} no longer compute the same on a random instance of "
+                    f"this configuration (an output or gradient differs{off}): run train.py with --plain, or bring "
+                    f"the fast path in line with {plain}")
     return None

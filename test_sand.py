@@ -1930,10 +1930,10 @@ def test_an_interruption_while_an_epoch_is_kept_leaves_best_pt_and_last_pt_of_on
     whole = train.run(run_cfg(**base, out=str(tmp_path / "whole")), log=quiet)
     real = train.Run.keep
 
-    def keep(self, p):
+    def keep(self, p, *improved):
         if p.epoch == 3:
             raise KeyboardInterrupt  # the signal lands as this epoch's state is copied
-        return real(self, p)
+        return real(self, p, *improved)
     monkeypatch.setattr(train.Run, "keep", keep)
     with pytest.raises(KeyboardInterrupt):
         train.run(run_cfg(**base, out=str(tmp_path / "part")), log=quiet)
@@ -2074,7 +2074,7 @@ def test_a_file_that_is_not_a_checkpoint_is_refused(tmp_path, monkeypatch, capsy
 
 def test_a_full_disk_or_a_file_size_limit_gives_one_line(tmp_path):
     base = tiny_run(tmp_path)
-    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))  # last.pt is larger
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, 50_000))  # last.pt is larger (1.7 MB)
     r = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--dataset", "tiny", "--data-dir", base["data_dir"],
                         "--epochs", "2", "--club-steps", "2", "--out", str(tmp_path / "run")],
                        capture_output=True, text=True, timeout=300, cwd=tmp_path, preexec_fn=limit)
@@ -2326,6 +2326,23 @@ def test_an_edit_to_a_plain_piece_that_the_fast_tier_lacks_stops_a_run_with_one_
             cli(plain, tmp_path, monkeypatch, capsys)
     else:
         assert cli(plain, tmp_path, monkeypatch, capsys)[0] == 0
+
+
+def test_an_edit_stops_a_grid_before_any_of_its_runs_and_each_point_is_checked_once(tmp_path, monkeypatch, capsys):
+    calls = []
+    real = train.check_tiers
+    monkeypatch.setattr(train, "check_tiers", lambda hp, ds, log: (calls.append(hp), real(hp, ds, log)))
+    monkeypatch.setattr(sand, "solo_sim_loss", lambda a, b, tau, real=sand.solo_sim_loss: real(a, b, 2 * tau))
+    one_line_error(["--ablation", "--seeds", "2", "--epochs", "1"], tmp_path, monkeypatch, capsys,
+                   "sand.py's solo_sim_loss and its fast path ")
+    assert not (tmp_path / "runs").exists() and len(calls) == 1  # the first point, not yet any of its runs
+    monkeypatch.undo()
+    monkeypatch.setattr(train, "check_tiers", lambda hp, ds, log: (calls.append(hp), real(hp, ds, log)))
+    calls.clear()
+    out = tmp_path / "g"
+    assert cli(["--grid", "alpha=0.1,0.2", "--seeds", "2", "--epochs", "1", "--out", out], tmp_path, monkeypatch,
+               capsys)[0] == 0
+    assert [c.alpha for c in calls] == [0.1, 0.2]  # two points, four runs: two checks
 
 
 def test_the_check_of_the_fast_paths_runs_for_any_k_and_counts_in_the_memory_a_run_needs(tmp_path, monkeypatch):

@@ -351,10 +351,9 @@ def check_tiers(hp, ds, log):
 
 def fit(cfg, ds, device, folder, resume=None, log=print):
     """Train on `ds` with early stopping on valid Recall@20, in run folder `folder` (Run): a new run, or the one
-    that checkpoint `resume` continues. -> (results, the model at its best epoch, the evaluator)"""
+    that checkpoint `resume` continues. -> (results, the model at its best epoch, the evaluator). On the fast tier,
+    check_tiers first (run() and grid() do)."""
     t = cfg.train
-    if not t.plain:  # the fast paths must compute what the plain code says, as it stands now
-        check_tiers(cfg.sand, ds, log)
     model, club, opt, club_opt = build(cfg, ds, device)
     gen = torch.Generator(device=device).manual_seed(t.seed)
     # FREEDOM+SAND draws the CLUB's permutations from a generator of their own, so that SAND leaves FREEDOM's
@@ -708,6 +707,7 @@ class Run:
     def __init__(self, cfg, ds, folder, log):
         self.cfg, self.ds, self.folder, self.log = cfg, ds, folder, log
         self.kept, self.saved_at, self.written, self.saved, self.saved_best = None, -math.inf, False, None, None
+        self.saved_state = None  # the kept state that was last written
 
     def path(self, name):
         return os.path.join(self.folder, name)
@@ -718,7 +718,7 @@ class Run:
     def __exit__(self, kind, error, trace):
         if kind is not None and issubclass(kind, KeyboardInterrupt):
             with INTERRUPTS.held():  # a second Ctrl-C waits for the last epoch's files
-                if self.kept is not None and self.kept["epoch"] != self.saved:
+                if self.kept is not self.saved_state:
                     self.save()
                 self.log(f"interrupted: --resume {self.folder} continues after epoch {self.saved}" if self.saved
                          is not None else f"interrupted before the first epoch ended: {self.folder}/ is as it was")
@@ -728,11 +728,10 @@ class Run:
         parts: (model, estimator, optimizer, the estimator's, [generators])."""
         self.parts, model = parts, parts[0]
         if resume is None:
-            held = any(os.path.exists(self.path(name)) for name in RUN_FILES)
-            same = same_run(self.folder, self.cfg, self.ds) if held else True
+            same = same_run(self.folder, self.cfg, self.ds)
             if same is not True:
                 raise UsageError(f"{self.folder}/ holds another run ({same}); give another --out, or delete that folder")
-            if held:
+            if any(os.path.exists(self.path(name)) for name in RUN_FILES):
                 self.log(f"{self.folder}/ holds an earlier run of these settings: this run's first checkpoint replaces it")
             self.id, p = uuid.uuid4().hex, Progress(diagnostic_init=self.ds.factors and diagnostic(model, self.ds.factors))
         else:
@@ -758,7 +757,7 @@ class Run:
         p.history.append({"epoch": p.epoch, **{k: round(v, 6) for k, v in terms.items()},
                           **{f"{s}_{k}": round(v, 6) for s in metrics for k, v in metrics[s].items()},
                           "train_s": round(train_s, 3), "eval_s": round(eval_s, 3)})
-        self.keep(p)
+        self.keep(p, improved)
         if time.perf_counter() - self.saved_at > CHECKPOINT_SECONDS:
             self.save()
         self.log(f"epoch {p.epoch:4d} | " + " ".join(f"{k} {v:.4f}" for k, v in terms.items())
@@ -768,17 +767,18 @@ class Run:
             self.log("  profile: " + " ".join(f"{k} {v:.3f}s" for k, v in timer.total.items()) + f" evaluate {eval_s:.3f}s")
         timer.total.clear()
 
-    def keep(self, p):
+    def keep(self, p, improved=False):
         """Copy now what last.pt is to hold, as training moves on: every weight, optimizer state and generator, and
-        the Progress (its best epoch's weights by reference: a new copy replaces them when the best moves)."""
+        the Progress (its best epoch's weights by reference: a new copy replaces them when the best moves; at an
+        improving epoch they are the model's weights, kept once)."""
         model, club, opt, club_opt, generators = self.parts
         cuda = model_device(model).type == "cuda"
         self.kept = {"run": self.id, "epoch": p.epoch, "generators": [g.get_state() for g in generators],
                      "rng": {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(model_device(model))}
                                                               if cuda else {})},
                      "progress": {**vars(p), "history": list(p.history)}, **checkpoint_header(self.cfg, self.ds),
-                     **{k: copy.deepcopy(part.state_dict()) for k, part in
-                        (("model", model), ("club", club), ("opt", opt), ("club_opt", club_opt))}}
+                     "model": p.best_model if improved else copy.deepcopy(model.state_dict()),
+                     **{k: copy.deepcopy(part.state_dict()) for k, part in (("club", club), ("opt", opt), ("club_opt", club_opt))}}
 
     def save(self):
         """The kept state's checkpoint: last.pt, metrics.csv, best.pt if the best epoch moved and, at a run's first,
@@ -801,15 +801,17 @@ class Run:
                 data.write_together({self.path(name): content for name, content in files.items()})
             except (RuntimeError, OSError) as e:  # RuntimeError: torch.save's way of saying that a write failed
                 raise OSError(f"cannot write a checkpoint in {self.folder}/ ({first_line(e)}): is the disk full?") from None
-            for name in ("results.json", "topk.tsv", "best.pt")[:0 if self.written else 2 if p["best_epoch"] else 3]:
-                if os.path.exists(self.path(name)):
-                    os.remove(self.path(name))
+            if not self.written:  # an earlier run's results go, and its best.pt where this run has none yet
+                for name in ["results.json", "topk.tsv"] + ([] if p["best_epoch"] else ["best.pt"]):
+                    if os.path.exists(self.path(name)):
+                        os.remove(self.path(name))
             self.written, self.saved_best, self.saved, self.saved_at = True, p["best_epoch"], k["epoch"], time.perf_counter()
+            self.saved_state = k
 
     def finish(self, p, model, evaluator):
         """The last epoch's checkpoint (kept before fit() put the model back at its best epoch); then results.json
         and topk.tsv (each test user's top 20, best first) of the best epoch."""
-        if self.kept is not None:
+        if self.kept is not self.saved_state:  # not written yet
             self.save()
         hist = p.history
         results = {"best_epoch": p.best_epoch, "valid": p.best and p.best["valid"], "test": p.best and p.best["test"],
@@ -856,7 +858,10 @@ def restore(ckpt, model, club, opt, club_opt, generators):
 
 
 def same_run(folder, cfg, ds):
-    """Is the run in `folder` one of these settings (all that change results) on this data? -> True, or what differs."""
+    """Is the run in `folder` one of these settings (all that change results) on this data? -> True (also when the
+    folder holds no run's files), or what differs."""
+    if not any(os.path.exists(os.path.join(folder, name)) for name in RUN_FILES):
+        return True
     saved = read_json(os.path.join(folder, "config.json"))
     try:
         theirs = config_from_dict(saved)
@@ -1067,6 +1072,8 @@ def run(cfg, log=print):
     ds = load(cfg, device)
     if ckpt is not None:
         check_data(ckpt, ds)
+    if not cfg.train.plain:  # the fast paths must compute what the plain code says, as it stands now
+        check_tiers(cfg.sand, ds, log)
     results = fit(cfg, ds, device, folder, ckpt, log)[0]
     if results["best_epoch"] is None:
         log(f"no epoch finished: {folder}/results.json holds no metrics")
@@ -1210,10 +1217,14 @@ def grid(cfg, log):
     if theirs is not None and theirs != index:
         raise UsageError(f"{out}/ holds the tables of another {kind} ({', '.join(theirs)}); give this one another --out")
     for r in runs:
-        held = any(os.path.exists(os.path.join(r.folder, name)) for name in RUN_FILES)
-        if held and same_run(r.folder, r.cfg, ds) is not True:
-            raise UsageError(f"{r.folder}/ holds another run ({same_run(r.folder, r.cfg, ds)}); delete it, or give the "
-                             f"grid another --out")
+        same = same_run(r.folder, r.cfg, ds)
+        if same is not True:
+            raise UsageError(f"{r.folder}/ holds another run ({same}); delete it, or give the grid another --out")
+    checked = []  # the fast paths against the plain code, once for each point's settings, before any run
+    for r in runs:
+        if not r.cfg.train.plain and r.cfg.sand not in checked:
+            check_tiers(r.cfg.sand, ds, lambda *_: None)
+            checked.append(r.cfg.sand)
     log(f"--{kind}: {len(index)} points x {cfg.train.seeds} seeds = {len(runs)} runs in {out}/")
     for note in notes:
         log(note)
@@ -1316,7 +1327,8 @@ class Timer:
     def lap(self, name):
         if self.sync:
             torch.cuda.synchronize(self.device)
-        self.total[name], self.last = self.total.get(name, 0.0) + time.perf_counter() - self.last, time.perf_counter()
+        now = time.perf_counter()
+        self.total[name], self.last = self.total.get(name, 0.0) + now - self.last, now
 
 
 class Parser(argparse.ArgumentParser):
